@@ -1,0 +1,35 @@
+# snnbench: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help:  ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/snnbench: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/snnbench  ## create .venv (if missing) and install snnbench with its dev tools
+
+run: install  ## run the whole pipeline on the embedded digits dataset (offline, < 1 min)
+	$(BIN)/snnbench run sim.T=32 $(ARGS)
+
+test: install  ## run the fast test suite
+	$(BIN)/pytest -q
+
+test-slow: install  ## run the slow tests too
+	$(BIN)/pytest -q -m ''
+
+lint: install  ## ruff
+	$(BIN)/ruff check snnbench tests
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs/runs outputs/multirun outputs/cache .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+.PHONY: help install run test test-slow lint clean

@@ -1,0 +1,55 @@
+"""ANN definitions and loading of external checkpoints."""
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from snnbench.errors import UserError
+from snnbench.models.convnet import ConvNet
+from snnbench.models.resnet import ResNet
+
+ARCHITECTURES = {"convnet": ConvNet, "resnet": ResNet}
+
+
+def build_model(model_cfg, dataset_cfg) -> nn.Module:
+    """The model for a dataset; its input normalisation is the model's own setting or else the dataset's."""
+    norm = model_cfg.get("normalize") or dataset_cfg
+    options = {k: v for k, v in model_cfg.items() if k not in ("name", "arch", "normalize")}
+    return ARCHITECTURES[model_cfg.arch](
+        in_channels=dataset_cfg.channels, image_size=dataset_cfg.image_size,
+        num_classes=dataset_cfg.num_classes, mean=list(norm.mean), std=list(norm.std), **options)
+
+
+def load_checkpoint(model: nn.Module, path) -> nn.Module:
+    """Load weights strictly (weights_only): a raw state_dict or {'state_dict': ...}, DataParallel prefixes
+    stripped. Every way this can fail becomes a UserError naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: fix train.checkpoint (or set it to null to train)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first}); "
+                        "point train.checkpoint at a file saved with torch.save") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state_dict of tensors; save the model's state_dict()")
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatch (checkpoint vs model)", mismatched)) if keys]
+        raise UserError(f"checkpoint {path} does not match the model ({'; '.join(parts)}); "
+                        "choose the model= it was trained with")
+    model.load_state_dict(state, strict=False)
+    return model

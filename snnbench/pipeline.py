@@ -1,0 +1,225 @@
+"""The five stages as plain functions, wired in order: train -> calibrate -> convert -> simulate -> report.
+Training and calibration results are cached (sha256 + config key), so sweeps over methods or T share them
+and an interrupted run resumes from the last completed stage."""
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from snnbench import methods
+from snnbench.calibrate import Calibration, calibrate
+from snnbench.convert import apply_maxpool_policy, count_macs, fan_out, fold_batchnorm
+from snnbench.data import build_splits, loader
+from snnbench.errors import UserError
+from snnbench.models import build_model, load_checkpoint
+from snnbench.report import show_run, write_csv, write_json
+from snnbench.simulate import activation_elements, choose_chunk, simulate
+from snnbench.train import cached, config_hash, evaluate, progress_bar, sha256_of, train
+
+log = logging.getLogger("snnbench")
+
+
+def validate(cfg: DictConfig):
+    """Reject impossible values before any work starts, naming the key and the fix."""
+    def positive_int(key, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"{key} must be a positive integer, got {value!r}: set e.g. {key}=32")
+
+    positive_int("sim.T", cfg.sim.T)
+    positive_int("sim.batch_size", cfg.sim.batch_size)
+    positive_int("sim.num_samples", cfg.sim.num_samples, allow_none=True)
+    positive_int("train.batch_size", cfg.train.batch_size)
+    positive_int("calibrate.batch_size", cfg.calibrate.batch_size)
+    positive_int("calibrate.num_batches", cfg.calibrate.num_batches)
+    if cfg.sim.chunk != "auto":
+        positive_int("sim.chunk", cfg.sim.chunk)
+    if isinstance(cfg.train.epochs, bool) or not isinstance(cfg.train.epochs, int) or cfg.train.epochs < 0:
+        raise UserError(f"train.epochs must be a non-negative integer, got {cfg.train.epochs!r}")
+    percentile = cfg.calibrate.percentile
+    if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
+        raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
+    choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
+               "device": (cfg.device, ("auto", "cpu", "cuda")),
+               "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
+               "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    knobs = cfg.method
+    if knobs.get("c_max") is not None:
+        positive_int("method.c_max", knobs.c_max)
+    for key in ("threshold_scale", "neg_threshold"):
+        value = knobs.get(key)
+        if value is not None and (not isinstance(value, int | float) or value <= 0):
+            raise UserError(f"method.{key} must be a positive number, got {value!r}")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available: use device=auto or device=cpu")
+    return name
+
+
+def _container(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _state_bytes(model) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def prepare_ann(cfg, splits, device):
+    """Stage 1: load `train.checkpoint`, or train (once per recipe, cached). Returns (model, path, sha256)."""
+    model = build_model(cfg.model, cfg.dataset)
+    if cfg.train.checkpoint:
+        path = Path(cfg.train.checkpoint)
+        log.info("loading ANN weights from %s (training skipped)", path)
+        return load_checkpoint(model, path).eval(), str(path), sha256_of(path)
+    dataset = {k: v for k, v in _container(cfg.dataset).items() if k not in ("root", "download", "verify")}
+    train_cfg = {k: v for k, v in _container(cfg.train).items() if k not in ("checkpoint", "num_workers")}
+    key = config_hash(dataset, _container(cfg.model), train_cfg, cfg.seed)
+    path = Path(cfg.cache_dir) / "ann" / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
+
+    def build():
+        log.info("training ANN %s on %s for %d epochs (cache entry %s)", cfg.model.name, cfg.dataset.name,
+                 cfg.train.epochs, path.name)
+        torch.manual_seed(cfg.seed)
+        train_batches = loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+                               num_workers=cfg.train.num_workers)
+        test_batches = loader(splits.test, 256, num_workers=cfg.train.num_workers)
+        return train(model, train_batches, test_batches, cfg.train, device)
+
+    def load(p):
+        return load_checkpoint(build_model(cfg.model, cfg.dataset), p)
+
+    ann, digest, was_cached = cached(path, key, build, _state_bytes, load)
+    if was_cached:
+        log.info("using cached ANN %s (trained once, shared by every run with this recipe)", path)
+    return ann.eval(), str(path), digest
+
+
+def calibration_images(cfg, splits):
+    batches = loader(splits.calibration, cfg.calibrate.batch_size, shuffle=True, seed=cfg.seed,
+                     limit=cfg.calibrate.batch_size * cfg.calibrate.num_batches)
+    return [images for images, _ in batches]
+
+
+def calibrate_stage(cfg, folded, ann_sha, images, device) -> Calibration:
+    """Stage 2: percentile thresholds of every ReLU, cached per (ANN, calibration setting)."""
+    key = config_hash(ann_sha, _container(cfg.calibrate), cfg.convert.maxpool, cfg.seed)
+    path = Path(cfg.cache_dir) / "calibration" / f"{key}.pt"
+
+    def build():
+        log.info("calibrating %d images (percentile %s, %s)", sum(len(i) for i in images),
+                 cfg.calibrate.percentile, "per channel" if cfg.calibrate.per_channel else "per layer")
+        return calibrate(folded, images, cfg.calibrate.percentile, cfg.calibrate.per_channel, device, cfg.seed)
+
+    def save(calibration):
+        buffer = io.BytesIO()
+        torch.save(vars(calibration), buffer)
+        return buffer.getvalue()
+
+    def load(p):
+        return Calibration(**torch.load(p, map_location="cpu", weights_only=True))
+
+    calibration, _, was_cached = cached(path, key, build, save, load)
+    if was_cached:
+        log.info("using cached calibration %s", path.name)
+    return calibration
+
+
+def tabulate(cfg, result, calibration, snn, fan, macs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """accuracy.csv (one row per t, counts cumulative up to t) and layers.csv (one row per spiking layer)."""
+    n, T = max(result.num_images, 1), cfg.sim.T
+    sops_t = sum(result.events[name] * fan[name] for name in result.events)
+    accuracy = pd.DataFrame({
+        "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "t": range(1, T + 1), "accuracy": result.accuracy().numpy(),
+        "events_per_image": (sum(result.events.values()).cumsum(0) / n).numpy(),
+        "spike_units_per_image": (sum(result.units.values()).cumsum(0) / n).numpy(),
+        "sops_per_image": (sops_t.cumsum(0) / n).numpy(),
+    })
+    diagnostics = getattr(snn, "diagnostics", {})
+    rows = []
+    for name in result.events:
+        events, units = result.events[name].sum().item() / n, result.units[name].sum().item() / n
+        neurons = calibration.neurons[name]
+        rows.append({"layer": name, "neurons": neurons,
+                     "threshold": snn.get_submodule(name).threshold.mean().item(),
+                     "events_per_image": events, "spike_units_per_image": units,
+                     "firing_rate": events / (neurons * T), "sops_per_image": events * fan[name],
+                     **diagnostics.get(name, {})})
+    return accuracy, pd.DataFrame(rows)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    times = {}
+    clock = time.perf_counter()
+    splits = build_splits(cfg.dataset, cfg.cache_dir)
+    ann, checkpoint, checkpoint_sha = prepare_ann(cfg, splits, device)
+    ann = apply_maxpool_policy(ann, cfg.convert.maxpool)
+    test_batches = loader(splits.test, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,
+                          seed=cfg.seed, limit=cfg.sim.num_samples)
+    ann_accuracy = evaluate(ann, test_batches, device)
+    log.info("ANN accuracy %.2f %% on %d test images", 100 * ann_accuracy, len(test_batches.dataset))
+    times["time_train_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    folded = fold_batchnorm(ann.cpu())
+    images = calibration_images(cfg, splits)
+    calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
+    times["time_calibrate_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images)
+    fan, macs = fan_out(folded), count_macs(folded, images[0])
+    times["time_convert_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
+                         cfg.sim.max_memory_mb, device)
+    log.info("simulating %s for T=%d (%s coding, %d steps per chunk)", cfg.method.name, cfg.sim.T,
+             cfg.sim.coding, chunk)
+    with progress_bar() as bar:
+        task = bar.add_task("simulating", total=len(test_batches.dataset), status=f"T={cfg.sim.T}")
+        result = simulate(snn, test_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
+                          progress=lambda k: bar.update(task, advance=k))
+    times["time_simulate_s"] = time.perf_counter() - clock
+
+    accuracy, layers = tabulate(cfg, result, calibration, snn, fan, macs)
+    macs_per_image = sum(macs.values())
+    first_layer_macs = next(iter(macs.values())) if cfg.sim.coding == "direct" else 0
+    sops = accuracy.sops_per_image.iloc[-1]
+    summary = {
+        "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
+        "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "num_test_images": result.num_images, "coding": cfg.sim.coding, "device": device, "chunk": chunk,
+        "macs_per_image": macs_per_image,
+        "events_per_image": float(accuracy.events_per_image.iloc[-1]),
+        "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
+        "sops_per_image": float(sops),
+        "energy_ann_uj": macs_per_image * cfg.energy.mac_pj * 1e-6,
+        # direct coding: the first layer multiplies the analog image once (its current is constant)
+        "energy_snn_uj": (sops * cfg.energy.ac_pj + first_layer_macs * cfg.energy.mac_pj) * 1e-6,
+        **{k: round(v, 3) for k, v in times.items()},
+        "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha,
+    }
+    write_csv(run_dir / "accuracy.csv", accuracy)
+    write_csv(run_dir / "layers.csv", layers)
+    write_json(run_dir / "summary.json", summary)  # written last: its presence marks a complete run
+    show_run(summary, accuracy)
+    return summary

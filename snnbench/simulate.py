@@ -1,0 +1,102 @@
+"""The time-stepped engine. Stateless layers (conv, linear, pooling) run once per chunk of time steps folded
+into the batch; only the neurons loop over time. One simulation to T gives the accuracy at every t <= T."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from snnbench.neurons import IFNeuron
+
+# Time steps folded into one batch on each device when sim.chunk=auto, chosen by `snnbench bench`:
+# on a small CPU bigger batches are slower per image, on a GPU they pay.
+DEFAULT_CHUNK = {"cpu": 4, "cuda": 32}
+
+
+@dataclass
+class SimulationResult:
+    correct: torch.Tensor            # [T] correct predictions at each t
+    num_images: int
+    events: dict[str, torch.Tensor]  # per spiking layer, [T] events (non-zero coefficients) at each t
+    units: dict[str, torch.Tensor]   # per spiking layer, [T] spike units (sum of |c|) at each t
+
+    def accuracy(self) -> torch.Tensor:
+        return self.correct.double() / max(self.num_images, 1)
+
+
+def spiking_layers(model: nn.Module) -> dict[str, IFNeuron]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, IFNeuron)}
+
+
+def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
+    """Elements every leaf module outputs per image: the memory one folded time step costs."""
+    total, hooks = [0], []
+    for module in model.modules():
+        if not list(module.children()):
+            hooks.append(module.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o[0].numel())))
+    neurons = spiking_layers(model).values()
+    for neuron in neurons:
+        neuron.reset(batch=1, total_steps=1)
+        neuron.steps = 1
+    with torch.inference_mode():
+        model(sample[:1])
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def choose_chunk(chunk, T: int, batch_size: int, elements_per_image: int, max_memory_mb: float, device) -> int:
+    """Time steps per folded chunk: the configured number, or the device default, capped by memory."""
+    steps = DEFAULT_CHUNK[torch.device(device).type] if chunk in (None, "auto") else int(chunk)
+    # activations of a chunk: about twice the leaf outputs (inputs and outputs live at once), float32
+    per_step_mb = 2 * 4 * elements_per_image * batch_size / 2**20
+    fits = max(1, int(max_memory_mb // max(per_step_mb, 1e-9)))
+    return max(1, min(steps, fits, T))
+
+
+def _poisson(images: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli spikes with probability = intensity, one draw per step, folded into the batch."""
+    draws = torch.rand((steps, *images.shape), generator=generator, device=images.device)
+    return (draws < images).to(images.dtype).flatten(0, 1)
+
+
+@torch.inference_mode()
+def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
+             progress=None) -> SimulationResult:
+    """Run T steps on every (images, labels) batch; `chunk` steps are folded into one batch at a time."""
+    model = model.eval().to(device)
+    neurons = spiking_layers(model)
+    correct = torch.zeros(T, dtype=torch.long)
+    events = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
+    units = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
+    generator = torch.Generator(device=device).manual_seed(seed)
+    num_images = 0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        batch = images.shape[0]
+        for neuron in neurons.values():
+            neuron.reset(batch, T)
+        accumulated = None
+        for start in range(0, T, chunk):
+            steps = min(chunk, T - start)
+            for neuron in neurons.values():
+                neuron.steps = steps
+            inputs = images if coding == "direct" else _poisson(images, steps, generator)
+            # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
+            outputs = model(inputs).view(steps, batch, -1).cumsum(0)
+            if accumulated is not None:
+                outputs += accumulated
+            accumulated = outputs[-1]
+            correct[start:start + steps] += (outputs.argmax(-1) == labels).sum(1).cpu()
+        for name, neuron in neurons.items():
+            events[name] += neuron.events
+            units[name] += neuron.units
+        num_images += batch
+        if progress:
+            progress(batch)
+    return SimulationResult(correct, num_images, events, units)
+
+
+def simulate_step_by_step(model, batches, T: int, coding="direct", device="cpu", seed=0) -> SimulationResult:
+    """The test oracle: one full network pass per time step, nothing folded."""
+    return simulate(model, batches, T, chunk=1, coding=coding, device=device, seed=seed)

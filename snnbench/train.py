@@ -1,0 +1,109 @@
+"""Training and evaluation of the ANN, and the checkpoint cache shared by every run with the same recipe."""
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from snnbench.errors import UserError
+from snnbench.report import atomic_write_bytes
+
+log = logging.getLogger("snnbench")
+
+
+def progress_bar(**kwargs) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[status]}"), transient=True, **kwargs)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches, device) -> float:
+    model = model.eval().to(device)
+    correct = total = 0
+    for images, labels in batches:
+        correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
+        total += labels.numel()
+    return correct / max(total, 1)
+
+
+def train(model: nn.Module, train_batches, test_batches, cfg, device) -> nn.Module:
+    """SGD with momentum and a cosine schedule (or AdamW); stops with a UserError if the loss diverges."""
+    model = model.to(device)
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    total_steps = max(cfg.epochs * len(train_batches), 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    with progress_bar() as bar:
+        task = bar.add_task("training", total=total_steps, status="")
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            for step, (images, labels) in enumerate(train_batches, start=1):
+                loss = F.cross_entropy(model(images.to(device)), labels.to(device),
+                                       label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise UserError(f"training loss became {loss.item()} at epoch {epoch}, step {step}: "
+                                    f"lower train.lr (now {cfg.lr})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update(task, advance=1, status=f"epoch {epoch} loss {loss.item():.3f}")
+            accuracy = evaluate(model, test_batches, device)
+            log.info("epoch %d/%d: loss %.4f, test accuracy %.2f %%", epoch, cfg.epochs, loss.item(),
+                     100 * accuracy)
+    return model.eval()
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def claimed(path: Path):
+    """Hold an exclusive lock on `path`.lock: parallel sweep jobs wait instead of building the same entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cached(path: Path, key: str, build, save, load):
+    """Load the cache entry at `path` if its recorded sha256 and config key match; otherwise build it (once,
+    under a lock), save it atomically and record both. Returns (value, sha256, was_cached)."""
+    meta_path = path.with_suffix(".json")
+    with claimed(path):
+        if path.exists() and meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key and meta.get("sha256") == sha256_of(path):
+                return load(path), meta["sha256"], True
+            log.warning("cache entry %s is corrupted or stale (sha256/config mismatch): rebuilding it", path)
+        value = build()
+        atomic_write_bytes(path, save(value))
+        digest = sha256_of(path)
+        atomic_write_bytes(meta_path, json.dumps({"key": key, "sha256": digest}).encode())
+        return value, digest, False

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from snnbench import data
+from snnbench.data import build_splits
+from snnbench.errors import UserError
+
+
+def test_digits_split_is_fixed_and_stratified(cfg):
+    first, second = build_splits(cfg.dataset), build_splits(cfg.dataset)
+    assert len(first.train) + len(first.test) == 1797
+    assert torch.equal(first.test.tensors[0], second.test.tensors[0])
+    counts = torch.bincount(first.test.tensors[1])
+    assert counts.min() >= 40 and counts.max() <= 50
+    assert 0 <= first.train.tensors[0].min() and first.train.tensors[0].max() <= 1
+
+
+def test_mnist_reads_gz_idx_files_from_a_read_only_folder(cfg, idx_root, tmp_path, monkeypatch):
+    cfg.dataset = {**cfg.dataset, "name": "mnist", "root": str(idx_root), "image_size": 28}
+    monkeypatch.setattr(data, "_writable", lambda folder: False)  # root ignores chmod: simulate read-only
+    splits = build_splits(cfg.dataset, tmp_path / "cache")
+    assert len(splits.train) == 40 and len(splits.test) == 20
+    image, label = splits.test[3]
+    assert image.shape == (1, 28, 28) and label == 3
+    assert (tmp_path / "cache" / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
+
+
+def test_cifar10_repacked_copy_needs_verify_false(cfg, cifar_root, tmp_path):
+    cfg.dataset = {**cfg.dataset, "name": "cifar10", "root": str(cifar_root), "channels": 3, "image_size": 32,
+                   "augment": True, "verify": True}
+    with pytest.raises(UserError, match="dataset.verify=false"):
+        build_splits(cfg.dataset, tmp_path)
+    cfg.dataset.verify = False
+    splits = build_splits(cfg.dataset, tmp_path)
+    assert len(splits.train) == 40 and len(splits.test) == 8
+    image, label = splits.calibration[5]
+    assert image.shape == (3, 32, 32) and label == 5
+
+
+def test_missing_files_say_where_and_how(cfg, tmp_path):
+    cfg.dataset = {**cfg.dataset, "name": "fashion_mnist", "root": str(tmp_path / "nowhere")}
+    with pytest.raises(UserError, match=r"FashionMNIST/raw/.*dataset.root="):
+        build_splits(cfg.dataset, tmp_path)

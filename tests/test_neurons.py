@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from snnbench.neurons import IFNeuron
+
+
+def run(neuron: IFNeuron, currents: torch.Tensor) -> torch.Tensor:
+    """Feed currents [T, N] step by step; return the emitted values [T, N]."""
+    T, n = currents.shape
+    neuron.reset(batch=n, total_steps=T)
+    neuron.steps = 1
+    return torch.stack([neuron(currents[t]) for t in range(T)])
+
+
+@pytest.mark.parametrize("v0", [0.0, 0.5])
+@pytest.mark.parametrize("T", [4, 16, 64, 256])
+def test_binary_rate_converges_to_clipped_input(T, v0):
+    theta = 0.8
+    x = torch.linspace(-0.5, 1.5, 101)
+    rate = run(IFNeuron(theta, v0=v0), x.expand(T, -1)).sum(0) / T
+    assert (rate - x.clamp(0, theta)).abs().max() <= theta / T + 1e-6
+
+
+def test_ternary_net_count_never_negative_and_undoes_over_firing():
+    torch.manual_seed(0)
+    currents = torch.randn(200, 500)
+    neuron = IFNeuron(1.0, neg_threshold=1.0)
+    out = run(neuron, currents)
+    assert (out.cumsum(0) >= -1e-6).all()           # the running output never goes negative
+    assert (out < 0).any()
+    # a negative spike only after the neuron has fired more than it undid
+    net_before = torch.cat([torch.zeros(1, 500), out.cumsum(0)[:-1]])
+    assert (net_before[out < 0] > 0).all()
+
+
+def test_negative_spike_corrects_transient_over_firing():
+    # +1.2 then -1.2: the ANN sees mean 0; binary IF keeps its spike, ternary takes it back
+    currents = torch.tensor([[1.2], [-1.2], [0.0], [0.0]])
+    assert run(IFNeuron(1.0), currents).sum() == 1.0
+    assert run(IFNeuron(1.0, neg_threshold=1.0), currents).sum() == 0.0
+
+
+def test_augmented_neuron_at_T1_is_the_quantiser():
+    theta = torch.tensor(0.3)
+    a = torch.linspace(0, 5, 1001)
+    out = run(IFNeuron(theta, c_max=None, neg_threshold=1.0), a[None])
+    # floor of the exact quotient (so the membrane residue a - c*theta is never negative)
+    torch.testing.assert_close(out[0], theta * torch.div(a, theta, rounding_mode="floor"))
+    assert (a - out[0] >= 0).all() and (a - out[0] < theta).all()
+
+
+def test_augmented_with_cmax_1_equals_ternary_bit_for_bit():
+    torch.manual_seed(1)
+    currents = torch.randn(64, 300) * 2
+    for neg in (0.5, 1.0, 2.0):
+        ternary = run(IFNeuron(0.7, c_max=1, neg_threshold=neg), currents)
+        augmented = run(IFNeuron(0.7, c_max=1, neg_threshold=neg), currents)
+        assert torch.equal(ternary, augmented)
+
+
+@pytest.mark.parametrize("T", [1, 4, 32])
+def test_augmented_rate_tracks_activation_without_the_one_spike_ceiling(T):
+    theta = 0.25
+    x = torch.linspace(0, 3, 61)                     # up to 12 thresholds per step
+    rate = run(IFNeuron(theta, c_max=None, neg_threshold=1.0), x.expand(T, -1)).sum(0) / T
+    assert (rate - x).abs().max() <= theta / T + 1e-6
+    binary = run(IFNeuron(theta), x.expand(T, -1)).sum(0) / T
+    assert binary.max() <= theta + 1e-6             # the binary neuron saturates at one spike per step
+
+
+def test_counters_count_events_and_spike_units():
+    neuron = IFNeuron(1.0, c_max=None)
+    run(neuron, torch.tensor([[3.5, 0.2, 1.0]]))
+    assert neuron.events.tolist() == [2.0]
+    assert neuron.units.tolist() == [4.0]

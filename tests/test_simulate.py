@@ -1,0 +1,46 @@
+import pytest
+import torch
+from torch import nn
+
+from snnbench.neurons import IFNeuron
+from snnbench.simulate import choose_chunk, simulate, simulate_step_by_step
+
+
+def batches(n=3, batch=5, shape=(1, 6, 6)):
+    torch.manual_seed(1)
+    return [(torch.rand(batch, *shape), torch.randint(0, 4, (batch,))) for _ in range(n)]
+
+
+def spiking_net(**knobs):
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), IFNeuron(torch.tensor(0.6), **knobs), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(36, 16), IFNeuron(torch.full((16,), 0.5), **knobs), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("knobs", [{}, {"neg_threshold": 1.0}, {"c_max": None, "neg_threshold": 1.0, "v0": 0.5}])
+@pytest.mark.parametrize("coding", ["direct", "poisson"])
+def test_one_simulation_equals_step_by_step_reference(knobs, coding):
+    data, T = batches(), 9
+    reference = simulate_step_by_step(spiking_net(**knobs), data, T, coding=coding, seed=3)
+    for chunk in (2, 4, 9):
+        folded = simulate(spiking_net(**knobs), data, T, chunk, coding=coding, seed=3)
+        assert torch.equal(folded.correct, reference.correct)
+        for name in reference.events:
+            torch.testing.assert_close(folded.events[name], reference.events[name])
+            torch.testing.assert_close(folded.units[name], reference.units[name])
+
+
+def test_accuracy_curve_from_one_run_equals_shorter_runs():
+    data = batches()
+    full = simulate(spiking_net(), data, 12, chunk=4)
+    for T in (1, 5, 12):
+        short = simulate(spiking_net(), data, T, chunk=3)
+        assert torch.equal(short.correct, full.correct[:T])
+        assert torch.equal(short.events["1"], full.events["1"][:T])
+
+
+def test_chunk_respects_memory_budget():
+    assert choose_chunk("auto", 64, 64, 10_000, 1e9, "cpu") >= 1
+    assert choose_chunk(32, 64, 64, 10_000_000, 100, "cpu") == 1
+    assert choose_chunk(32, 8, 1, 10, 1e9, "cpu") == 8
