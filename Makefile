@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+SWEEP_DIR ?= outputs/multirun/make-sweep
 
 .DEFAULT_GOAL := help
 
@@ -19,6 +20,13 @@ install: $(BIN)/snnbench  ## create .venv (if missing) and install snnbench with
 run: install  ## run the whole pipeline on the embedded digits dataset (offline, < 1 min)
 	$(BIN)/snnbench run sim.T=32 $(ARGS)
 
+sweep: install  ## baseline vs termapping vs augmapping on digits (T=16, one ANN) into outputs/multirun/make-sweep
+	rm -rf $(SWEEP_DIR)
+	$(BIN)/snnbench run -m experiment=digits_methods hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
+
+report: install  ## tables and plots of `make sweep` (report.csv, accuracy_vs_t.png, ...) into its folder
+	$(BIN)/snnbench report $(SWEEP_DIR)
+
 test: install  ## run the fast test suite
 	$(BIN)/pytest -q
 
@@ -32,4 +40,4 @@ clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs/runs outputs/multirun outputs/cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install run test test-slow lint clean
+.PHONY: help install run sweep report test test-slow lint clean

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from snnbench.errors import UserError
-from snnbench.report import console, write_json
+from snnbench.report import build_report, console, write_json
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("dataset", "model", "method", "experiment")
@@ -21,7 +21,7 @@ log = logging.getLogger("snnbench")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ANN-to-SNN conversion experiments: train, calibrate, convert, simulate, report.")
-state = {"debug": False, "failed_jobs": []}
+state = {"debug": False, "failed_jobs": [], "error": None}
 
 
 def options(group: str) -> list[str]:
@@ -37,18 +37,22 @@ def _task(cfg):
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    (run_dir / "error.json").unlink(missing_ok=True)  # from an earlier attempt in this folder
     try:
         return pipeline.run(cfg, run_dir)
     except (Exception, KeyboardInterrupt) as err:
         message = describe(err)
         write_json(run_dir / "error.json", {"error": message, "type": type(err).__name__,
                                             "overrides": list(hydra_cfg.overrides.task)})
-        if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(err, KeyboardInterrupt):
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            state["error"] = err  # run() prints it; raised here, Hydra would first print a line of its own
+        elif isinstance(err, KeyboardInterrupt):
+            raise  # stops the whole sweep
+        else:
             log.error("job %s failed: %s", hydra_cfg.job.num, message)
             if state["debug"]:
                 traceback.print_exc()
-            return None
-        raise
+        return None
 
 
 class FailureSummary(Callback):
@@ -80,7 +84,9 @@ def describe(err: BaseException) -> str:
         key = text.split("'", 2)[1]
         return (f"unknown config key '{key}': `snnbench run --cfg job` prints the valid keys "
                 f"(to add a new key, prefix it with +)")
-    if type(err).__name__ in ("OverrideParseException", "ConfigCompositionException", "MissingConfigException"):
+    if type(err).__name__ == "OverrideParseException":
+        return f"cannot parse the overrides ({text.splitlines()[0]}): write key=value, quoting values like 'a b'"
+    if type(err).__name__ in ("ConfigCompositionException", "MissingConfigException"):
         return text.splitlines()[0] + (f" ({cause.splitlines()[0]})" if cause else "")
     if type(err).__module__.startswith("omegaconf"):
         return f"invalid configuration: {text.splitlines()[0]}"
@@ -115,10 +121,47 @@ def run(ctx: typer.Context):
             raise typer.Exit(exit_.code) from None
     except (Exception, KeyboardInterrupt) as err:
         _fail(err)
+    if state["error"]:
+        _fail(state["error"])
     if state["failed_jobs"]:
         console.print(f"[bold red]error:[/bold red] {len(state['failed_jobs'])} sweep job(s) failed; "
                       "their error.json says why")
         raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          out: Path | None = typer.Option(None, "--out", help="Also write the table as CSV to this file.")):
+    """Image-steps/s, peak memory and accuracy of the snnbench engine, the step-by-step reference, the dense ANN
+    floor and SpikingJelly on the same network: snnbench bench [HYDRA OVERRIDES...] [--out FILE.csv], e.g.
+    `dataset=mnist sim.T=64 bench.repeats=3` (see docs/performance.md)."""
+    from hydra import compose, initialize_config_dir
+    from rich.logging import RichHandler
+
+    from snnbench.bench import run_bench
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=ctx.args)
+        run_bench(cfg, out)
+    except (Exception, KeyboardInterrupt) as err:
+        _fail(err)
+
+
+@app.command("report")
+def report(dirs: list[Path] = typer.Argument(..., metavar="DIR", help="Run folders, sweep folders, or any folder "
+                                                                        "holding them."),
+           out: Path | None = typer.Option(None, "--out", help="Where to write the report (default: the first DIR)."),
+           layers_of: Path | None = typer.Option(None, "--layers-of", help="The run whose per-layer firing rates "
+                                                                           "to plot (default: the first run).")):
+    """Merge runs into report.csv, accuracy_vs_t.csv/.png, accuracy_vs_sops.png, firing_rates.png and failed.csv,
+    and print accuracy vs t per method, e.g. `snnbench report outputs/multirun/<date>/<time>`."""
+    try:
+        build_report(dirs, out or dirs[0], layers_of)
+    except (Exception, KeyboardInterrupt) as err:
+        _fail(err)
 
 
 @app.command("list")

@@ -29,14 +29,20 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_maxpool_policy(model: nn.Module, policy: str) -> list[str]:
+    """Names of the max-pooling layers, which have no exact spiking form: refused unless policy 'avg'."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.MaxPool2d)]
+    if names and policy != "avg":
+        raise UserError(f"the model uses max pooling ({names[0]}), which has no exact spiking form: "
+                        "add convert.maxpool=avg to replace it by average pooling")
+    return names
+
+
 def apply_maxpool_policy(model: nn.Module, policy: str) -> nn.Module:
-    """Max pooling has no exact spiking form: refuse it, or (policy 'avg') swap in average pooling."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.MaxPool2d):
-            if policy != "avg":
-                raise UserError(f"the model uses max pooling ({name}), which has no exact spiking form: "
-                                "add convert.maxpool=avg to replace it by average pooling")
-            _set_module(model, name, nn.AvgPool2d(module.kernel_size, module.stride, module.padding))
+    """Refuse max pooling, or (policy 'avg') swap in average pooling."""
+    for name in check_maxpool_policy(model, policy):
+        module = model.get_submodule(name)
+        _set_module(model, name, nn.AvgPool2d(module.kernel_size, module.stride, module.padding))
     return model
 
 

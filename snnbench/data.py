@@ -50,10 +50,11 @@ def _idx_root(cls, root: Path, cache_dir: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in IDX_FILES:
         if not (target / name).exists():
-            partial = target / f"{name}.partial"
-            with gzip.open(raw / f"{name}.gz", "rb") as src, open(partial, "wb") as dst:
+            # a temporary name of its own: parallel sweep jobs may unpack the same file at the same time
+            fd, partial = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".partial")
+            with gzip.open(raw / f"{name}.gz", "rb") as src, open(fd, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            partial.rename(target / name)
+            Path(partial).rename(target / name)
     return target_root
 
 
@@ -99,7 +100,7 @@ def _augmentation(cfg):
 
 def _missing(cfg, root, err=None) -> UserError:
     reason = f" ({str(err).splitlines()[0]})" if err else ""
-    hint = "" if cfg.download else " or dataset.download=true"
+    hint = " or dataset.download=true" if cfg.name in TORCHVISION and not cfg.download else ""
     return UserError(f"{cfg.name} files not found under {Path(root).resolve()}/{WHERE[cfg.name]}{reason}: "
                      f"set dataset.root=<folder holding {WHERE[cfg.name]}> (or env SNNBENCH_DATA){hint}")
 
@@ -117,7 +118,8 @@ def load_torchvision_splits(cfg, cache_dir) -> DataSplits:
         return DataSplits(split(True, _augmentation(cfg)), split(True, transforms.ToTensor()),
                           split(False, transforms.ToTensor()))
     except RuntimeError as err:
-        if "not found" in str(err) or "corrupted" in str(err):
+        # missing files, or (MNIST) every download mirror unreachable
+        if any(sign in str(err) for sign in ("not found", "corrupted", "Error downloading")):
             hint = (" -- a re-packed copy with exact pixels? add dataset.verify=false"
                     if cfg.verify and cfg.name.startswith("cifar") else "")
             raise UserError(f"{_missing(cfg, cfg.root, err)}{hint}") from err

@@ -63,27 +63,52 @@ class IFNeuron(nn.Module):
         if self.v is None:
             self.v = (self.v0 * theta).expand(batch, *x.shape[1:]).clone()
             self.net = torch.zeros_like(self.v) if self.neg_threshold is not None else None
-        coeffs = torch.empty((steps, batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        # written in place: the emitted values (returned), this step's coefficients and a scratch for negative
+        # events (both stay in cache across steps), and per step and image the spike units and events
+        out = torch.empty((steps, batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        c = torch.empty_like(self.v)
+        undo = torch.empty_like(self.v) if self.neg_threshold is not None else None
+        counts = torch.empty((2, steps, batch), dtype=x.dtype, device=x.device)
         for step in range(steps):
             self.v.add_(currents if constant else currents[step])
-            self._fire(theta, coeffs[step])
-        counted = coeffs.flatten(1)
-        self.events[self.t:self.t + steps] += (counted != 0).sum(1).double().cpu()
-        self.units[self.t:self.t + steps] += counted.abs().sum(1).double().cpu()
+            self._fire(theta, c, out[step], undo)
+            self._count(c.view(batch, -1), counts[:, step])
+        units, events = counts.double().sum(2).cpu()
+        self.units[self.t:self.t + steps] += units
+        self.events[self.t:self.t + steps] += events
         self.t += steps
-        return (coeffs * theta).view(steps * batch, *x.shape[1:])
+        return out.view(steps * batch, *x.shape[1:])
 
-    def _fire(self, theta: torch.Tensor, c: torch.Tensor):
-        """Write this step's coefficients into `c` and update the membrane."""
+    def _fire(self, theta: torch.Tensor, c: torch.Tensor, out: torch.Tensor, undo: torch.Tensor | None):
+        """Write this step's coefficients into `c`, the emitted c * theta into `out`, and update the membrane.
+        With c_max = 1 the clamped floor quotients are 0 or 1: exactly the comparisons v >= theta and
+        v <= -neg_threshold * theta (theta > 0), which cost a tenth of a floor division."""
         v = self.v
-        torch.div(v, theta, rounding_mode="floor", out=c)
-        c.clamp_(min=0, max=self.c_max)
+        if self.c_max == 1:
+            torch.ge(v, theta, out=c)
+        else:
+            torch.div(v, theta, rounding_mode="floor", out=c).clamp_(min=0, max=self.c_max)
         if self.neg_threshold is not None:
             # negative event: undo earlier over-firing, at least one spike, at most the net count so far
-            undo = torch.div(-v, theta, rounding_mode="floor").clamp_(min=1, max=self.c_max)
-            undo.mul_(v <= -self.neg_threshold * theta)
+            level = -self.neg_threshold * theta
+            if self.c_max == 1:
+                torch.le(v, level, out=undo)
+            else:
+                torch.div(torch.neg(v, out=undo), theta, rounding_mode="floor", out=undo).clamp_(min=1, max=self.c_max)
+                undo.mul_(v <= level)
             if self.require_positive_net:
                 torch.minimum(undo, self.net, out=undo)
             c.sub_(undo)
             self.net.add_(c)
-        v.sub_(c * theta)
+        torch.mul(c, theta, out=out)
+        v.sub_(out)
+
+    def _count(self, c: torch.Tensor, counts: torch.Tensor):
+        """Per image [batch, n] -> counts [2, batch]: spike units (sum of |c|) and events (non-zero c), exact
+        integers in float32. Without negative events c >= 0; with c_max = 1 every event is one spike unit."""
+        magnitude = c if self.neg_threshold is None else c.abs_()
+        torch.sum(magnitude, 1, out=counts[0])
+        if self.c_max == 1:
+            counts[1] = counts[0]
+        else:
+            torch.sum(magnitude.clamp_(max=1), 1, out=counts[1])

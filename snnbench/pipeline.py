@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snnbench import methods
 from snnbench.calibrate import Calibration, calibrate
-from snnbench.convert import apply_maxpool_policy, count_macs, fan_out, fold_batchnorm
+from snnbench.convert import apply_maxpool_policy, check_maxpool_policy, count_macs, fan_out, fold_batchnorm
 from snnbench.data import build_splits, loader
 from snnbench.errors import UserError
 from snnbench.models import build_model, load_checkpoint
@@ -48,6 +48,7 @@ def validate(cfg: DictConfig):
     choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
                "device": (cfg.device, ("auto", "cpu", "cuda")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
+               "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
                "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -82,6 +83,7 @@ def _state_bytes(model) -> bytes:
 def prepare_ann(cfg, splits, device):
     """Stage 1: load `train.checkpoint`, or train (once per recipe, cached). Returns (model, path, sha256)."""
     model = build_model(cfg.model, cfg.dataset)
+    check_maxpool_policy(model, cfg.convert.maxpool)  # refused now rather than after training
     if cfg.train.checkpoint:
         path = Path(cfg.train.checkpoint)
         log.info("loading ANN weights from %s (training skipped)", path)
@@ -90,6 +92,7 @@ def prepare_ann(cfg, splits, device):
     train_cfg = {k: v for k, v in _container(cfg.train).items() if k not in ("checkpoint", "num_workers")}
     key = config_hash(dataset, _container(cfg.model), train_cfg, cfg.seed)
     path = Path(cfg.cache_dir) / "ann" / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
+    progress = path.with_suffix(".progress.pt")  # per-epoch state: an interrupted training resumes from it
 
     def build():
         log.info("training ANN %s on %s for %d epochs (cache entry %s)", cfg.model.name, cfg.dataset.name,
@@ -98,12 +101,13 @@ def prepare_ann(cfg, splits, device):
         train_batches = loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
                                num_workers=cfg.train.num_workers)
         test_batches = loader(splits.test, 256, num_workers=cfg.train.num_workers)
-        return train(model, train_batches, test_batches, cfg.train, device)
+        return train(model, train_batches, test_batches, cfg.train, device, progress)
 
     def load(p):
         return load_checkpoint(build_model(cfg.model, cfg.dataset), p)
 
     ann, digest, was_cached = cached(path, key, build, _state_bytes, load)
+    progress.unlink(missing_ok=True)  # only now: the finished ANN is safely in the cache
     if was_cached:
         log.info("using cached ANN %s (trained once, shared by every run with this recipe)", path)
     return ann.eval(), str(path), digest
@@ -186,7 +190,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     clock = time.perf_counter()
     snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images)
-    fan, macs = fan_out(folded), count_macs(folded, images[0])
+    # a method that rewrites the ANN (function-preserving, TTRBR) gives the rewrite's calibration and fan-out
+    calibration = getattr(snn, "calibration", calibration)
+    fan, macs = getattr(snn, "fan", None) or fan_out(folded), count_macs(folded, images[0])
     times["time_convert_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -218,8 +224,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         **{k: round(v, 3) for k, v in times.items()},
         "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha,
     }
-    write_csv(run_dir / "accuracy.csv", accuracy)
-    write_csv(run_dir / "layers.csv", layers)
-    write_json(run_dir / "summary.json", summary)  # written last: its presence marks a complete run
+    # summary.json, written last, marks a complete run: no CSV may outlive a failed or interrupted write
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    try:
+        write_csv(run_dir / "accuracy.csv", accuracy)
+        write_csv(run_dir / "layers.csv", layers)
+        write_json(run_dir / "summary.json", summary)
+    except BaseException:
+        for name in ("accuracy.csv", "layers.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+        raise
     show_run(summary, accuracy)
     return summary

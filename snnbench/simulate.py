@@ -3,6 +3,7 @@ into the batch; only the neurons loop over time. One simulation to T gives the a
 
 from dataclasses import dataclass
 
+import psutil
 import torch
 from torch import nn
 
@@ -45,12 +46,22 @@ def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
     return total[0]
 
 
-def choose_chunk(chunk, T: int, batch_size: int, elements_per_image: int, max_memory_mb: float, device) -> int:
+def memory_budget_mb(max_memory_mb, device) -> float:
+    """sim.max_memory_mb, or when it is null half the memory free now: CUDA's free memory on a GPU, else the
+    RAM the OS can hand out without swapping."""
+    if max_memory_mb is not None:
+        return float(max_memory_mb)
+    if torch.device(device).type == "cuda":
+        return 0.5 * torch.cuda.mem_get_info(device)[0] / 2**20
+    return 0.5 * psutil.virtual_memory().available / 2**20
+
+
+def choose_chunk(chunk, T: int, batch_size: int, elements_per_image: int, max_memory_mb, device) -> int:
     """Time steps per folded chunk: the configured number, or the device default, capped by memory."""
     steps = DEFAULT_CHUNK[torch.device(device).type] if chunk in (None, "auto") else int(chunk)
     # activations of a chunk: about twice the leaf outputs (inputs and outputs live at once), float32
     per_step_mb = 2 * 4 * elements_per_image * batch_size / 2**20
-    fits = max(1, int(max_memory_mb // max(per_step_mb, 1e-9)))
+    fits = max(1, int(memory_budget_mb(max_memory_mb, device) // max(per_step_mb, 1e-9)))
     return max(1, min(steps, fits, T))
 
 

@@ -2,6 +2,7 @@
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -34,8 +35,10 @@ def evaluate(model: nn.Module, batches, device) -> float:
     return correct / max(total, 1)
 
 
-def train(model: nn.Module, train_batches, test_batches, cfg, device) -> nn.Module:
-    """SGD with momentum and a cosine schedule (or AdamW); stops with a UserError if the loss diverges."""
+def train(model: nn.Module, train_batches, test_batches, cfg, device, progress_path=None) -> nn.Module:
+    """SGD with momentum and a cosine schedule (or AdamW); stops with a UserError if the loss diverges.
+    With `progress_path`, the state after every epoch is saved there and an interrupted training resumes
+    from its last finished epoch, exactly as if it had not stopped."""
     model = model.to(device)
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
@@ -47,9 +50,11 @@ def train(model: nn.Module, train_batches, test_batches, cfg, device) -> nn.Modu
     total_steps = max(cfg.epochs * len(train_batches), 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    done = _resume(progress_path, parts, train_batches.generator, device) if progress_path else 0
     with progress_bar() as bar:
-        task = bar.add_task("training", total=total_steps, status="")
-        for epoch in range(1, cfg.epochs + 1):
+        task = bar.add_task("training", total=total_steps, completed=done * len(train_batches), status="")
+        for epoch in range(done + 1, cfg.epochs + 1):
             model.train()
             for step, (images, labels) in enumerate(train_batches, start=1):
                 loss = F.cross_entropy(model(images.to(device)), labels.to(device),
@@ -65,7 +70,46 @@ def train(model: nn.Module, train_batches, test_batches, cfg, device) -> nn.Modu
             accuracy = evaluate(model, test_batches, device)
             log.info("epoch %d/%d: loss %.4f, test accuracy %.2f %%", epoch, cfg.epochs, loss.item(),
                      100 * accuracy)
+            if progress_path:
+                _save_progress(progress_path, epoch, parts, train_batches.generator, device)
     return model.eval()
+
+
+def _random_states(generator, device) -> dict:
+    """Every random stream training draws from: augmentation, the shuffling order, CUDA kernels."""
+    states = {"cpu": torch.get_rng_state()}
+    if generator is not None:
+        states["loader"] = generator.get_state()
+    if torch.device(device).type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _save_progress(path: Path, epoch: int, parts: dict, generator, device):
+    buffer = io.BytesIO()
+    torch.save({"epoch": epoch, "random": _random_states(generator, device),
+                **{name: part.state_dict() for name, part in parts.items()}}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _resume(path: Path, parts: dict, generator, device) -> int:
+    """Restore the state saved after the last finished epoch; returns that epoch (0: start afresh)."""
+    if not path.exists():
+        return 0
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged progress file costs the epochs it held, never a wrong model
+        log.warning("cannot resume training from %s (%s): starting from epoch 1", path, type(err).__name__)
+        return 0
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
+    torch.set_rng_state(saved["random"]["cpu"])
+    if generator is not None:
+        generator.set_state(saved["random"]["loader"])
+    if "cuda" in saved["random"] and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(saved["random"]["cuda"])
+    log.info("resuming training after epoch %d (saved in %s)", saved["epoch"], path)
+    return saved["epoch"]
 
 
 def sha256_of(path) -> str:
@@ -97,13 +141,25 @@ def cached(path: Path, key: str, build, save, load):
     under a lock), save it atomically and record both. Returns (value, sha256, was_cached)."""
     meta_path = path.with_suffix(".json")
     with claimed(path):
-        if path.exists() and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key and meta.get("sha256") == sha256_of(path):
-                return load(path), meta["sha256"], True
-            log.warning("cache entry %s is corrupted or stale (sha256/config mismatch): rebuilding it", path)
+        if path.exists() or meta_path.exists():
+            entry = _load_verified(path, meta_path, key, load)
+            if entry:
+                return *entry, True
+            log.warning("cache entry %s does not match its recorded sha256 and config key, or cannot be loaded "
+                        "(corrupted, or left by an interrupted run): rebuilding it", path)
         value = build()
         atomic_write_bytes(path, save(value))
         digest = sha256_of(path)
         atomic_write_bytes(meta_path, json.dumps({"key": key, "sha256": digest}).encode())
         return value, digest, False
+
+
+def _load_verified(path: Path, meta_path: Path, key: str, load):
+    """(value, sha256) of a cache entry whose file matches its record (sha256 and config key), else None."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta["key"] != key or meta["sha256"] != sha256_of(path):
+            return None
+        return load(path), meta["sha256"]
+    except Exception:  # a missing, damaged or unloadable part: the entry is rebuilt, never used
+        return None

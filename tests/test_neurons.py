@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -49,13 +51,39 @@ def test_augmented_neuron_at_T1_is_the_quantiser():
     assert (a - out[0] >= 0).all() and (a - out[0] < theta).all()
 
 
-def test_augmented_with_cmax_1_equals_ternary_bit_for_bit():
+def spec_rule(currents, theta, v0, c_max, neg_threshold, require_positive_net):
+    """METHODS.md's update rule written out scalar by scalar, for one neuron."""
+    v, net, out = v0 * theta, 0, []
+    for current in currents:
+        v += current
+        limit = c_max or math.inf
+        if v >= theta:
+            c = min(math.floor(v / theta), limit)
+        elif neg_threshold is not None and v <= -neg_threshold * theta and (net > 0 or not require_positive_net):
+            # at least one spike, so that c_max = 1 is TerMapping's "emit -theta" also for neg_threshold < 1
+            c = -min(max(math.floor(-v / theta), 1), net if require_positive_net else math.inf, limit)
+        else:
+            c = 0
+        v -= c * theta
+        net += c
+        out.append(c * theta)
+    return out
+
+
+@pytest.mark.parametrize("c_max", [1, 2, None])
+@pytest.mark.parametrize("neg_threshold", [None, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize(("v0", "require_positive_net"), [(0.0, True), (0.5, True), (0.0, False)])
+def test_neuron_follows_the_spec_rule_exactly(c_max, neg_threshold, v0, require_positive_net):
+    # dyadic currents and threshold: float32 and Python floats compute the same values exactly
     torch.manual_seed(1)
-    currents = torch.randn(64, 300) * 2
-    for neg in (0.5, 1.0, 2.0):
-        ternary = run(IFNeuron(0.7, c_max=1, neg_threshold=neg), currents)
-        augmented = run(IFNeuron(0.7, c_max=1, neg_threshold=neg), currents)
-        assert torch.equal(ternary, augmented)
+    theta = 0.5
+    currents = torch.randint(-96, 128, (48, 40)) / 64
+    out = run(IFNeuron(theta, v0=v0, c_max=c_max, neg_threshold=neg_threshold,
+                       require_positive_net=require_positive_net), currents)
+    expected = [spec_rule(currents[:, i].tolist(), theta, v0, c_max, neg_threshold, require_positive_net)
+                for i in range(currents.shape[1])]
+    assert out.T.tolist() == expected
+    assert (out < 0).any() == (neg_threshold is not None)
 
 
 @pytest.mark.parametrize("T", [1, 4, 32])

@@ -1,7 +1,5 @@
 """ANN definitions and loading of external checkpoints."""
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,15 @@ def build_model(model_cfg, dataset_cfg) -> nn.Module:
         num_classes=dataset_cfg.num_classes, mean=list(norm.mean), std=list(norm.std), **options)
 
 
+def _load_failure(err: Exception) -> str:
+    """The informative first line of a torch.load error; its weights_only preamble only advises unsafe loading."""
+    text = str(err).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{type(err).__name__}: {lines[0].split(' was not an allowed global')[0].split('. ')[0]}"
+
+
 def load_checkpoint(model: nn.Module, path) -> nn.Module:
     """Load weights strictly (weights_only): a raw state_dict or {'state_dict': ...}, DataParallel prefixes
     stripped. Every way this can fail becomes a UserError naming the file and the fix."""
@@ -31,10 +38,13 @@ def load_checkpoint(model: nn.Module, path) -> nn.Module:
         raise UserError(f"checkpoint {path} does not exist: fix train.checkpoint (or set it to null to train)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first}); "
-                        "point train.checkpoint at a file saved with torch.save") from err
+    except Exception as err:  # unpickling arbitrary bytes fails in many ways (KeyError, UnicodeDecodeError, ...)
+        reason = _load_failure(err)
+        if "Unsupported global" in reason:
+            raise UserError(f"{path} holds Python objects besides tensors ({reason}), which a safe load "
+                            "(weights_only) refuses: re-save it as torch.save(model.state_dict(), path)") from err
+        raise UserError(f"{path} is not a PyTorch checkpoint, or it is truncated or corrupted ({reason}): "
+                        "point train.checkpoint at a complete file saved with torch.save") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -1,0 +1,304 @@
+"""`snnbench bench`: image-steps per second, peak memory and accuracy of four ways to simulate the same trained
+network — the snnbench engine, its step-by-step reference loop, the dense ANN forward pass x T (the floor for
+dense simulation) and SpikingJelly's ann2snn converter (when installed).
+
+Each engine runs in a fresh Python process, so that its peak memory is its own: the peak resident memory
+(Linux VmHWM, reset just before the engine's first run; ru_maxrss elsewhere) minus the resident memory the
+process already had with torch, the model and the test batches loaded. On CUDA it is the peak of
+torch.cuda.max_memory_allocated over what was allocated before. Time: `bench.warmup` untimed runs, then the
+median of `bench.repeats` timed runs over the same `bench.batches` test batches.
+"""
+
+import copy
+import gc
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+from omegaconf import DictConfig
+from rich.table import Table
+from torch import nn
+
+from snnbench import methods
+from snnbench.convert import apply_maxpool_policy, fold_batchnorm
+from snnbench.data import build_splits, loader
+from snnbench.errors import UserError
+from snnbench.models.normalize import Normalize
+from snnbench.pipeline import calibrate_stage, calibration_images, prepare_ann, resolve_device, validate
+from snnbench.report import console, write_csv, write_json
+from snnbench.simulate import activation_elements, choose_chunk, simulate, simulate_step_by_step
+
+log = logging.getLogger("snnbench")
+
+ENGINES = ("snnbench", "reference", "ann_floor", "spikingjelly")
+COLUMNS = ["engine", "model", "T", "batch_size", "device", "image_steps_per_s", "peak_mem_mb", "accuracy",
+           "ratio_to_floor"]
+
+
+class Unsupported(Exception):
+    """The engine cannot run this network or setting; the message says why."""
+
+
+@dataclass
+class Workload:
+    """What every engine process receives: the same trained network in the forms the engines need."""
+    ann: nn.Module      # as trained (BatchNorm kept: SpikingJelly folds it itself)
+    folded: nn.Module   # BatchNorm folded: the dense floor
+    snn: nn.Module      # snnbench's conversion (cfg.method)
+    batches: list       # [(images, labels)]: the timed test batches
+    calibration: list   # training-split images, for SpikingJelly's own threshold calibration
+    T: int
+    chunk: int
+    coding: str
+    device: str
+    seed: int
+    warmup: int
+    repeats: int
+
+
+def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
+    """Prepare the network through the pipeline's stages, measure each engine in its own process, print the
+    table and write `out` (CSV)."""
+    validate(cfg)
+    for key in ("batches", "repeats"):
+        if isinstance(cfg.bench[key], bool) or not isinstance(cfg.bench[key], int) or cfg.bench[key] <= 0:
+            raise UserError(f"bench.{key} must be a positive integer, got {cfg.bench[key]!r}")
+    if isinstance(cfg.bench.warmup, bool) or not isinstance(cfg.bench.warmup, int) or cfg.bench.warmup < 0:
+        raise UserError(f"bench.warmup must be a non-negative integer, got {cfg.bench.warmup!r}")
+    unknown = [e for e in cfg.bench.engines if e not in ENGINES]
+    if unknown or not cfg.bench.engines:
+        raise UserError(f"bench.engines must list some of {', '.join(ENGINES)}, got {list(cfg.bench.engines)}")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    splits = build_splits(cfg.dataset, cfg.cache_dir)
+    ann, _, checkpoint_sha = prepare_ann(cfg, splits, device)
+    ann = apply_maxpool_policy(ann.cpu(), cfg.convert.maxpool)
+    folded = fold_batchnorm(ann)
+    images = calibration_images(cfg, splits)
+    calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
+    snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images).cpu()
+    batches = list(loader(splits.test, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
+    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
+                         cfg.sim.max_memory_mb, device)
+    work = Workload(ann, folded, snn, batches, images, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
+                    cfg.bench.warmup, cfg.bench.repeats)
+    num_images = sum(len(labels) for _, labels in batches)
+    log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d steps per chunk, device %s, %d threads",
+             cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, chunk,
+             device, torch.get_num_threads())
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="snnbench-bench-") as folder:
+        path = Path(folder) / "workload.pt"
+        torch.save(work, path)
+        for engine in cfg.bench.engines:
+            log.info("bench: measuring %s", engine)
+            results[engine] = _in_fresh_process(engine, path)
+    frame = _tabulate(results, cfg, device, num_images)
+    show_bench(frame, results, cfg, chunk, num_images)
+    if out is not None:
+        write_csv(out, frame)
+        log.info("bench: wrote %s", out)
+    return frame
+
+
+def _in_fresh_process(engine: str, workload: Path) -> dict:
+    result = workload.with_name(f"{engine}.json")
+    done = subprocess.run([sys.executable, "-c", "from snnbench.bench import worker; worker()", engine,
+                           str(workload), str(result)], capture_output=True, text=True)
+    if done.returncode != 0 or not result.exists():
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return {"status": f"failed: {lines[-1] if lines else f'exit code {done.returncode}'}"}
+    return json.loads(result.read_text())
+
+
+def _tabulate(results: dict, cfg, device: str, num_images: int) -> pd.DataFrame:
+    floor = results.get("ann_floor", {}).get("seconds")
+    rows = []
+    for engine, result in results.items():
+        seconds = result.get("seconds")
+        rows.append({"engine": engine, "model": cfg.model.name, "T": cfg.sim.T, "batch_size": cfg.sim.batch_size,
+                     "device": device,
+                     "image_steps_per_s": num_images * cfg.sim.T / seconds if seconds else None,
+                     "peak_mem_mb": result.get("peak_mem_mb"),
+                     "accuracy": result["correct"][-1] / num_images if "correct" in result else None,
+                     # the engine's time in units of the dense floor's
+                     "ratio_to_floor": seconds / floor if seconds and floor else None})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def show_bench(frame: pd.DataFrame, results: dict, cfg, chunk: int, num_images: int):
+    """The rich table: speeds, ratios side by side, memory, accuracy; and whether snnbench and the reference
+    agree at every t."""
+    peer = frame.set_index("engine").image_steps_per_s.get("spikingjelly")
+    table = Table(title=f"{cfg.model.name} on {cfg.dataset.name} ({cfg.method.name}): T={cfg.sim.T}, batch "
+                        f"{cfg.sim.batch_size}, {num_images} images, {frame.device.iloc[0]}, "
+                        f"{torch.get_num_threads()} threads, chunk {chunk}, median of {cfg.bench.repeats}")
+    for column in ("engine", "image-steps/s", "time / floor", "speed / spikingjelly", "peak MB", "accuracy %",
+                   "note"):
+        table.add_column(column, justify="left" if column in ("engine", "note") else "right")
+
+    def number(value, fmt):
+        return "-" if value is None or pd.isna(value) else format(value, fmt)
+
+    for row in frame.itertuples():
+        result = results[row.engine]
+        speedup = row.image_steps_per_s / peer if peer and not pd.isna(peer) else None
+        table.add_row(row.engine, number(row.image_steps_per_s, ",.0f"), number(row.ratio_to_floor, ".2f"),
+                      number(speedup, ".2f"), number(row.peak_mem_mb, ",.0f"),
+                      number(None if pd.isna(row.accuracy) else 100 * row.accuracy, ".2f"),
+                      result.get("status") or result.get("mode", ""))
+    console.print(table)
+    if "snnbench" in results and "reference" in results and "correct" in results["reference"]:
+        same = results["snnbench"].get("correct") == results["reference"]["correct"]
+        console.print("snnbench and the step-by-step reference: " +
+                      ("identical correct counts at every t" if same else "[bold red]DIFFERENT results[/bold red]"))
+
+
+# ---- inside an engine's own process ----
+
+def worker():
+    """Entry point of an engine's process: `python -c '...worker()' ENGINE WORKLOAD RESULT`."""
+    engine, workload, result = sys.argv[1:4]
+    work = torch.load(workload, weights_only=False)
+    try:
+        modes = {"snnbench": _snnbench, "reference": _reference, "ann_floor": _ann_floor,
+                 "spikingjelly": _spikingjelly}[engine](work)
+        measured = [{**_measure(run, work), "mode": mode} for mode, run in modes.items()]
+        outcome = min(measured, key=lambda m: m["seconds"])
+        if len(measured) > 1:
+            outcome["mode"] += " (faster of " + ", ".join(f"{m['mode']} {m['seconds']:.2f} s" for m in measured) + ")"
+    except Unsupported as err:
+        outcome = {"status": str(err)}
+    write_json(result, outcome)
+
+
+def _measure(run, work: Workload) -> dict:
+    """Warm-up, then the median of the timed runs, and the peak memory the runs needed."""
+    gc.collect()
+    cuda = torch.device(work.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        before = psutil.Process().memory_info().rss
+    for _ in range(work.warmup):
+        run()
+    seconds = []
+    for _ in range(work.repeats):
+        start = time.perf_counter()
+        correct = run()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    return {"seconds": statistics.median(seconds), "correct": correct, "peak_mem_mb": (peak - before) / 2**20}
+
+
+def _reset_peak_rss():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident set restarts from now
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes: VmHWM (Linux), else ru_maxrss (since the start)."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _snnbench(work: Workload) -> dict:
+    def run():
+        result = simulate(work.snn, work.batches, work.T, work.chunk, work.coding, work.device, work.seed)
+        return result.correct.tolist()
+    return {f"{work.chunk} steps per chunk": run}
+
+
+def _reference(work: Workload) -> dict:
+    def run():
+        result = simulate_step_by_step(work.snn, work.batches, work.T, work.coding, work.device, work.seed)
+        return result.correct.tolist()
+    return {"one pass per step": run}
+
+
+def _ann_floor(work: Workload) -> dict:
+    model = work.folded.eval().to(work.device)
+
+    @torch.inference_mode()
+    def run():
+        correct = 0
+        for images, labels in work.batches:
+            images = images.to(work.device)
+            for _ in range(work.T):
+                logits = model(images)
+            correct += (logits.argmax(1).cpu() == labels).sum().item()
+        return [correct]
+    return {"ANN forward x T": run}
+
+
+def _spikingjelly(work: Workload) -> dict:
+    """SpikingJelly's ann2snn on the same trained ANN: RateCodingRecipe (robust 99.9 % thresholds on the same
+    calibration images), simulated like its examples, one step at a time and in its multi-step mode."""
+    try:
+        from spikingjelly.activation_based import ann2snn, functional
+    except ImportError as err:
+        raise Unsupported("not installed: pip install -e '.[peers]'") from err
+    if work.coding != "direct":
+        raise Unsupported("simulated with direct coding only, as in its examples")
+    # its step-mode graph refuses the arithmetic of our input normalisation: normalise the images beforehand
+    ann = copy.deepcopy(work.ann)
+    normalize = [name for name, module in ann.named_modules() if isinstance(module, Normalize)]
+    prepare = ann.get_submodule(normalize[0]) if normalize else nn.Identity()
+    for name in normalize[:1]:
+        parent, _, child = name.rpartition(".")
+        setattr(ann.get_submodule(parent) if parent else ann, child, nn.Identity())
+    with torch.inference_mode():
+        calibration = [prepare(images) for images in work.calibration]
+        batches = [(prepare(images).to(work.device), labels) for images, labels in work.batches]
+    try:
+        net = ann2snn.Converter(ann2snn.RateCodingRecipe(calibration, mode="99.9%"), device=work.device).convert(ann)
+    except Exception as err:
+        raise Unsupported(f"unsupported: {str(err).splitlines()[0]}") from err
+
+    @torch.inference_mode()
+    def simulate_sj(mode: str):
+        functional.set_step_mode(net, mode)
+        correct = 0
+        for images, labels in batches:
+            functional.reset_net(net)
+            total = 0
+            if mode == "s":
+                for _ in range(work.T):
+                    total = total + net(images)
+            else:
+                for start in range(0, work.T, work.chunk):
+                    steps = min(work.chunk, work.T - start)
+                    total = total + net(images.expand(steps, *images.shape)).sum(0)
+            correct += (total.argmax(1).cpu() == labels).sum().item()
+        return [correct]
+
+    modes = {"single-step": lambda: simulate_sj("s")}
+    try:  # its multi-step mode, where the converted graph supports it: a one-step probe
+        functional.set_step_mode(net, "m")
+        with torch.inference_mode():
+            net(batches[0][0][:1].unsqueeze(0))
+        functional.reset_net(net)
+        modes[f"multi-step, {work.chunk} steps per call"] = lambda: simulate_sj("m")
+    except Exception as err:
+        log.info("spikingjelly's multi-step mode fails on this network (%s)", err)
+    return modes

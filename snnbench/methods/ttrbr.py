@@ -1,0 +1,102 @@
+"""TTRBR (Meng et al. 2022, METHODS.md): residual block restructuring, then thresholds tuned for a target T.
+
+Tuning goes layer by layer from the input, in one T-step simulation of the calibration images with all T steps
+folded into one forward: a hook on each spiking layer receives the input current over the T steps from the
+layers below (already tuned, earlier in the same forward), runs the layer's IF neuron with every candidate
+threshold (scale x percentile threshold) on it, and keeps the candidate with the smallest mean squared error
+between the T-step rate and the ANN activation, for the whole layer or per channel, before the layer runs. So the
+deviation error caused by the real, time-varying input is part of what is measured, and the whole tuning costs
+one simulation of the calibration images plus the candidates' neuron updates.
+
+Per layer the diagnostics (layers.csv) give the RMS over calibration neurons of the error against the ANN, and
+of its parts for the mean current I over the T steps: quantization Q(I) - clip(I, 0, threshold), with Q the rate
+of a constant input, and deviation r - Q(I), with r the actual rate.
+"""
+
+import torch
+
+from snnbench.calibrate import calibrate, record_activations
+from snnbench.convert import fan_out, relu_names
+from snnbench.methods import spiking_copy
+from snnbench.neurons import IFNeuron
+from snnbench.restructure import restructure
+from snnbench.simulate import simulate
+
+ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
+
+
+def convert(ann, calibration, cfg, batches):
+    knobs = cfg.method
+    model = restructure(ann, knobs.restructure)
+    if knobs.restructure != "none":  # new neurons: calibrate the rewritten network the same way
+        calibration = calibrate(model, batches, cfg.calibrate.percentile, cfg.calibrate.per_channel,
+                                next(model.parameters()).device, cfg.seed)
+    snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0)
+    images = torch.cat(batches)[:knobs.tune_images]
+    scales = list(knobs.scales) if knobs.tune else [1.0]
+    snn.diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel)
+    snn.calibration, snn.fan = calibration, fan_out(model)  # the report counts on the rewritten ANN
+    return snn
+
+
+@torch.inference_mode()
+def tune(snn, ann, images, scales, T, per_channel) -> dict[str, dict]:
+    """Tune every spiking layer of `snn` in one T-step simulation of `images`; return per-layer diagnostics."""
+    names = relu_names(ann)
+    targets = record_activations(ann, names, images)
+    diagnostics, hooks = {}, []
+    for name in names:
+        def tune_before_firing(neuron, args, name=name):
+            currents = args[0]
+            if currents.shape[0] == len(images):  # direct coding: a layer fed by the image gets a constant current
+                currents = currents.expand(T, *currents.shape)
+            else:
+                currents = currents.view(T, len(images), *currents.shape[1:])
+            diagnostics[name] = choose_threshold(neuron, currents, targets[name], scales, per_channel)
+        hooks.append(snn.get_submodule(name).register_forward_pre_hook(tune_before_firing))
+    try:
+        simulate(snn, [(images, torch.zeros(len(images), dtype=torch.long))], T, chunk=T, device=images.device)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return diagnostics
+
+
+def choose_threshold(neuron, currents, target, scales, per_channel) -> dict:
+    """Set `neuron`'s threshold to the candidate with the least squared error on `currents` [T, batch, ...]
+    against the ANN activation `target`; return the chosen threshold's diagnostics."""
+    base = neuron.threshold
+    errors = torch.stack([_squared_errors(currents, target, base * s, neuron.v0) for s in scales])
+    errors /= target.numel() / target.shape[1]  # [candidate, error kind, channel]: mean per neuron
+    channels = torch.arange(errors.shape[2])
+    best = errors[:, 0].argmin(0) if per_channel else errors[:, 0].mean(1).argmin().expand(len(channels))
+    chosen = errors[best, :, channels]  # [channel, error kind]
+    scale = torch.tensor(scales)[best]
+    neuron.threshold = base * (scale if per_channel else scale[0])
+    return {"percentile_threshold": base.mean().item(), "threshold_scale": scale.mean().item(),
+            **{kind: chosen[:, k].mean().sqrt().item() for k, kind in enumerate(ERRORS)}}
+
+
+def _rate(threshold, v0, currents, T, batch) -> torch.Tensor:
+    """T-step rate of the IF neuron: `currents` is [T * batch, ...] or a constant [batch, ...]."""
+    neuron = IFNeuron(threshold, v0=v0)
+    neuron.reset(batch, T)
+    neuron.steps = T
+    output = neuron(currents)
+    return output.view(T, batch, *output.shape[1:]).mean(0)
+
+
+def _channel_sums(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+
+
+def _squared_errors(currents, target, threshold, v0) -> torch.Tensor:
+    """Per channel, summed over images and positions: squared error against the ANN, quantization, deviation."""
+    T, batch = currents.shape[:2]
+    rate = _rate(threshold, v0, currents.flatten(0, 1), T, batch)
+    mean_current = currents.mean(0)
+    constant_rate = _rate(threshold, v0, mean_current, T, batch)
+    theta = threshold.view(-1, *[1] * (target.dim() - 2)) if threshold.dim() else threshold
+    clipped = torch.minimum(mean_current.clamp(min=0), theta)
+    return torch.stack([_channel_sums((rate - target) ** 2), _channel_sums((constant_rate - clipped) ** 2),
+                        _channel_sums((rate - constant_rate) ** 2)])

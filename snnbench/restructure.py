@@ -1,0 +1,64 @@
+"""ANN-function-preserving rewrites of the CIFAR ResNet's BasicBlock, out = ReLU(F(x) + shortcut(x)), that
+change what the spiking neuron after the addition receives (TTRBR, METHODS.md). The block input x is a ReLU
+output (x >= 0), and the option-A shortcut only subsamples and zero-pads it, so ReLU(shortcut(x)) = shortcut(x).
+
+    none             the block as trained: the post-addition neuron receives x's raw spikes
+    shortcut_neuron  a ReLU on the shortcut path: the shortcut spikes pass one calibrated neuron layer of their
+                     own before the addition, like the residual branch does
+    merged           the shortcut rides through the block's first conv as extra identity channels (stride 2 for
+                     option A), shares relu1's neurons, and is added back inside conv2 by an identity kernel
+"""
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from snnbench.convert import fold_batchnorm
+from snnbench.errors import UserError
+from snnbench.models.resnet import BasicBlock, ShortcutA
+
+KINDS = ("none", "shortcut_neuron", "merged")
+
+
+def restructure(model: nn.Module, kind: str) -> nn.Module:
+    """A BN-folded copy of `model` with every BasicBlock rewritten as `kind`; the logits are unchanged."""
+    if kind not in KINDS:
+        raise UserError(f"method.restructure must be one of {', '.join(KINDS)}, got {kind!r}")
+    model = fold_batchnorm(model)
+    if kind == "none":
+        return model
+    for name, block in list(model.named_modules()):
+        if isinstance(block, BasicBlock):
+            if kind == "shortcut_neuron":
+                block.shortcut = nn.Sequential(block.shortcut, nn.ReLU())
+            else:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, _merged(block))
+    return model
+
+
+def _identity_kernel(out_channels: int, in_channels: int, offset: int) -> torch.Tensor:
+    """3x3 kernels mapping input channel k to output channel offset + k through the centre tap."""
+    kernel = torch.zeros(out_channels, in_channels, 3, 3)
+    for k in range(in_channels):
+        kernel[offset + k, k, 1, 1] = 1.0
+    return kernel
+
+
+def _merged(block: BasicBlock) -> nn.Sequential:
+    """conv1 also copies x (subsampled by its stride) into extra channels; relu1 passes them unchanged (x >= 0);
+    conv2 adds them to its output channels shifted by option A's zero padding."""
+    conv1, conv2 = block.conv1, block.conv2
+    carried = conv1.in_channels
+    pad = block.shortcut.pad_channels if isinstance(block.shortcut, ShortcutA) else 0
+    first = nn.Conv2d(carried, conv1.out_channels + carried, 3, stride=conv1.stride, padding=1)
+    second = nn.Conv2d(conv2.in_channels + carried, conv2.out_channels, 3, padding=1)
+    with torch.no_grad():
+        first.weight.copy_(torch.cat([conv1.weight, _identity_kernel(carried, carried, 0)]))
+        first.bias.zero_()
+        if conv1.bias is not None:
+            first.bias[:conv1.out_channels] = conv1.bias
+        second.weight.copy_(torch.cat([conv2.weight, _identity_kernel(conv2.out_channels, carried, pad)], dim=1))
+        second.bias.copy_(conv2.bias if conv2.bias is not None else torch.zeros(conv2.out_channels))
+    return nn.Sequential(OrderedDict(conv1=first, relu1=block.relu1, conv2=second, relu2=block.relu2))

@@ -1,0 +1,213 @@
+"""Bad input ends in one line naming the problem and the fix, a non-zero exit code and no traceback.
+Config-level mistakes go through the real CLI; deeper ones call the loaders in-process (their CLI path is the
+same `_fail`, covered by the checkpoint and dataset cases here)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from snnbench import pipeline
+from snnbench.cli import CONF_DIR
+from snnbench.data import build_splits, loader
+from snnbench.errors import UserError
+from snnbench.models import build_model, load_checkpoint
+from snnbench.train import train
+
+
+def compose_cfg(tmp_path, *overrides):
+    """The config `snnbench run OVERRIDES` composes, with its cache under tmp_path."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def snnbench_run(tmp_path, *overrides, options=(), code=None, env=None):
+    """`python -m snnbench OPTIONS run OVERRIDES` (or `python -c CODE ...`, CODE starting the CLI itself) with
+    its run folder and cache under tmp_path."""
+    start = ["-c", code] if code else ["-m", "snnbench"]
+    return subprocess.run([sys.executable, *start, *options, "run", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"cache_dir={tmp_path / 'cache'}", *overrides], cwd=CONF_DIR.parent,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_one_line_error(done, message):
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr == f"error: {message}\n"
+
+
+CLI_CASES = {
+    "unknown group option": (["model=mpl"], "unknown model 'mpl': choose one of cnn_mnist, cnn_small, mlp, resnet110, "
+                                            "resnet20, resnet32, resnet44, resnet56, vgg11, vgg16"),
+    "unknown key": (["sim.steps=8"], "unknown config key 'sim.steps': `snnbench run --cfg job` prints the valid keys "
+                                     "(to add a new key, prefix it with +)"),
+    "T fractional": (["sim.T=2.5"], "sim.T must be a positive integer, got 2.5: set e.g. sim.T=32"),
+    "T not a number": (["sim.T=abc"], "sim.T must be a positive integer, got 'abc': set e.g. sim.T=32"),
+    "percentile above 100": (["calibrate.percentile=101"],
+                             "calibrate.percentile must be in (0, 100], got 101: e.g. 99.9, or 100 for max"),
+    "negative batch size": (["sim.batch_size=-1"],
+                            "sim.batch_size must be a positive integer, got -1: set e.g. sim.batch_size=32"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", CLI_CASES.values(), ids=CLI_CASES.keys())
+def test_cli_rejects_bad_config_in_one_line(tmp_path, overrides, message):
+    done = snnbench_run(tmp_path, *overrides)
+    assert_one_line_error(done, message)
+
+
+def test_cli_names_where_missing_dataset_files_were_looked_for(tmp_path):
+    done = snnbench_run(tmp_path, "dataset=mnist", f"dataset.root={tmp_path / 'nowhere'}")
+    assert_one_line_error(done, f"mnist files not found under {tmp_path}/nowhere/MNIST/raw/ (Dataset not found. "
+                                "You can use download=True to download it): set dataset.root=<folder holding "
+                                "MNIST/raw/> (or env SNNBENCH_DATA) or dataset.download=true")
+    # the run folder records why the run failed, for `snnbench report`
+    error = json.loads((tmp_path / "run" / "error.json").read_text())
+    assert error["error"] == done.stderr.removeprefix("error: ").strip()
+    assert error["type"] == "UserError"
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    done = snnbench_run(tmp_path, "sim.T=0", options=["--debug"])
+    assert done.returncode == 2
+    assert "Traceback" in done.stderr and "raise UserError" in done.stderr
+    assert done.stderr.endswith("\nerror: sim.T must be a positive integer, got 0: set e.g. sim.T=32\n")
+
+
+def test_debug_variable_shows_the_traceback(tmp_path):
+    done = snnbench_run(tmp_path, "model=mpl", env={**os.environ, "SNNBENCH_DEBUG": "1"})
+    assert done.returncode == 2
+    assert "Traceback" in done.stderr and "MissingConfigException" in done.stderr
+    assert done.stderr.endswith("\nerror: unknown model 'mpl': choose one of cnn_mnist, cnn_small, mlp, resnet110, "
+                                "resnet20, resnet32, resnet44, resnet56, vgg11, vgg16\n")
+
+
+def test_max_pooling_is_refused_before_training(tmp_path):
+    cfg = compose_cfg(tmp_path, "model=cnn_small", "model.pool=max", "train.epochs=1")
+    with pytest.raises(UserError) as raised:
+        pipeline.run(cfg, tmp_path / "run")
+    assert str(raised.value) == ("the model uses max pooling (features.3), which has no exact spiking form: "
+                                 "add convert.maxpool=avg to replace it by average pooling")
+    assert not (tmp_path / "cache" / "ann").exists()  # refused before an epoch was spent
+
+
+def test_missing_checkpoint_is_named(cfg, tmp_path):
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(build_model(cfg.model, cfg.dataset), tmp_path / "best.pt")
+    assert str(raised.value) == (f"checkpoint {tmp_path / 'best.pt'} does not exist: fix train.checkpoint "
+                                 "(or set it to null to train)")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("sim.T", 0, "sim.T must be a positive integer, got 0: set e.g. sim.T=32"),
+    ("sim.T", -4, "sim.T must be a positive integer, got -4: set e.g. sim.T=32"),
+    ("sim.T", True, "sim.T must be a positive integer, got True: set e.g. sim.T=32"),
+    ("calibrate.percentile", 0, "calibrate.percentile must be in (0, 100], got 0: e.g. 99.9, or 100 for max"),
+    ("calibrate.percentile", -5.0, "calibrate.percentile must be in (0, 100], got -5.0: e.g. 99.9, or 100 for max"),
+    ("calibrate.percentile", float("nan"),
+     "calibrate.percentile must be in (0, 100], got nan: e.g. 99.9, or 100 for max"),
+    ("sim.batch_size", 0, "sim.batch_size must be a positive integer, got 0: set e.g. sim.batch_size=32"),
+    ("train.batch_size", 0, "train.batch_size must be a positive integer, got 0: set e.g. train.batch_size=32"),
+    ("calibrate.batch_size", -2,
+     "calibrate.batch_size must be a positive integer, got -2: set e.g. calibrate.batch_size=32"),
+    ("model.pool", "min", "model.pool must be one of avg, max, got 'min'"),
+])
+def test_validate_rejects_bad_values(cfg, key, value, message):
+    section, name = key.split(".")
+    cfg[section][name] = value
+    with pytest.raises(UserError) as raised:
+        pipeline.validate(cfg)
+    assert str(raised.value) == message
+
+
+def test_validate_accepts_the_edges(cfg):
+    cfg.calibrate.percentile, cfg.sim.T, cfg.sim.batch_size = 100, 1, 1
+    pipeline.validate(cfg)
+
+
+def test_missing_imagefolder_does_not_suggest_a_download(cfg, tmp_path):
+    cfg.dataset.name, cfg.dataset.root = "imagefolder", str(tmp_path)
+    with pytest.raises(UserError) as raised:
+        build_splits(cfg.dataset)
+    assert str(raised.value) == (f"imagefolder files not found under {tmp_path}/train/ and val/: "
+                                 "set dataset.root=<folder holding train/ and val/> (or env SNNBENCH_DATA)")
+
+
+@pytest.fixture
+def saved_mlp(cfg, tmp_path):
+    """A real checkpoint of the default model (the MLP for digits)."""
+    path = tmp_path / "mlp.pt"
+    torch.save(build_model(cfg.model, cfg.dataset).state_dict(), path)
+    return path
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "random bytes":
+        path.write_bytes(bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist()))
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "text":
+        path.write_text("hello, I am not a checkpoint\n")
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("random bytes", r"UnpicklingError: Unsupported operand \d+"),
+    ("truncated", r"\w+Error: [^\n]+"),  # where the cut falls decides which part of torch.load notices
+    ("empty", "EOFError"),
+    ("text", "KeyError: 101"),
+])
+def test_unreadable_checkpoint_is_named(cfg, saved_mlp, how, reason):
+    torch.manual_seed(1)  # the same random bytes every time
+    damage(saved_mlp, how)
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(build_model(cfg.model, cfg.dataset), saved_mlp)
+    assert re.fullmatch(rf"{re.escape(str(saved_mlp))} is not a PyTorch checkpoint, or it is truncated or "
+                        rf"corrupted \({reason}\): point train\.checkpoint at a complete file saved with torch\.save",
+                        str(raised.value))
+    assert "weights_only` set to `False" not in str(raised.value)  # torch's advice to load unsafely is dropped
+
+
+def test_pickled_model_is_refused_by_the_safe_load(cfg, tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(nn.Linear(2, 2), path)
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(build_model(cfg.model, cfg.dataset), path)
+    assert str(raised.value) == (
+        f"{path} holds Python objects besides tensors (UnpicklingError: Unsupported global: GLOBAL "
+        "torch.nn.modules.linear.Linear), which a safe load (weights_only) refuses: re-save it as "
+        "torch.save(model.state_dict(), path)")
+
+
+def test_checkpoint_of_another_model_names_the_first_mismatching_keys(cfg, saved_mlp):
+    cfg.model.hidden = [32, 64]  # same layers, other widths
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(build_model(cfg.model, cfg.dataset), saved_mlp)
+    assert str(raised.value) == (
+        f"checkpoint {saved_mlp} does not match the model (shape mismatch (checkpoint vs model): "
+        "classifier.1.weight (128, 64) vs (32, 64), classifier.2.weight (128,) vs (32,), "
+        "classifier.2.bias (128,) vs (32,) ...); choose the model= it was trained with")
+    cfg.model.hidden = [128]  # a layer fewer
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(build_model(cfg.model, cfg.dataset), saved_mlp)
+    assert str(raised.value) == (
+        f"checkpoint {saved_mlp} does not match the model (missing keys: classifier.4.bias; unexpected keys: "
+        "classifier.5.weight, classifier.5.bias, classifier.5.running_mean ...; shape mismatch (checkpoint vs "
+        "model): classifier.4.weight (64, 128) vs (10, 128)); choose the model= it was trained with")
+
+
+def test_diverging_training_stops_at_the_step_it_diverged(cfg):
+    cfg.train.lr, cfg.train.epochs = 1e30, 1
+    splits = build_splits(cfg.dataset)
+    model = build_model(cfg.model, cfg.dataset)
+    with pytest.raises(UserError, match=r"^training loss became (nan|inf) at epoch 1, step \d+: "
+                                        r"lower train\.lr \(now 1e\+30\)$"):
+        train(model, loader(splits.train, 128, shuffle=True), loader(splits.test, 256), cfg.train, "cpu")

@@ -1,0 +1,78 @@
+"""The conversion methods through the real pipeline (digits MLP, trained for one epoch, cached per test)."""
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from snnbench import methods, pipeline
+from snnbench.calibrate import calibrate
+from snnbench.cli import CONF_DIR
+from snnbench.neurons import IFNeuron
+from snnbench.simulate import spiking_layers
+
+
+@pytest.fixture
+def run_method(tmp_path):
+    """Run the whole pipeline with the given overrides; return (accuracy.csv, layers.csv) as DataFrames."""
+    def run(name, *overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                f"cache_dir={tmp_path / 'cache'}", "train.epochs=1", "sim.T=12", "sim.num_samples=150", *overrides])
+        out = tmp_path / name
+        pipeline.run(cfg, out)
+        return pd.read_csv(out / "accuracy.csv"), pd.read_csv(out / "layers.csv")
+    return run
+
+
+def test_augmapping_with_cmax_1_is_termapping_bit_for_bit(run_method):
+    ternary = run_method("ter", "method=termapping", "method.neg_threshold=0.5")
+    augmented = run_method("aug", "method=augmapping", "method.c_max=1", "method.neg_threshold=0.5",
+                           "method.threshold_scale=1.0", "method.v0=0.0")
+    baseline = run_method("base", "method=baseline")
+    for ter, aug in zip(ternary, augmented):
+        assert ter.drop(columns="method", errors="ignore").equals(aug.drop(columns="method", errors="ignore"))
+    # not vacuous: the negative spikes change the counts relative to the baseline on the same ANN
+    assert not ternary[0].events_per_image.equals(baseline[0].events_per_image)
+    # ternary and c_max=1 spikes carry one unit each
+    assert ternary[0].events_per_image.equals(ternary[0].spike_units_per_image)
+
+
+def test_unlimited_augmented_spikes_carry_more_units_than_events(run_method):
+    accuracy, layers = run_method("aug", "method=augmapping", "method.threshold_scale=0.25")
+    assert (accuracy.spike_units_per_image > accuracy.events_per_image).all()
+    assert (layers.spike_units_per_image >= layers.events_per_image).all()
+    # SOPs are events (not spike units) times fan-out: an augmented spike is one synaptic message
+    fan = layers.sops_per_image / layers.events_per_image
+    assert accuracy.sops_per_image.iloc[-1] == pytest.approx((layers.events_per_image * fan).sum())
+
+
+def convert(name, **knobs):
+    """Calibrate a small random MLP and convert it with the method's real convert function."""
+    ann = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16),
+                              torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    images = [torch.rand(50, 1, 8, 8)]
+    calibration = calibrate(ann, images, 99.9, False, "cpu")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"method={name}"]
+                      + [f"method.{k}={'null' if v is None else v}" for k, v in knobs.items()])
+    return calibration, cfg, spiking_layers(methods.get(name).convert(ann, calibration, cfg, images))
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.5, 2.0])
+def test_threshold_scale_scales_every_threshold(scale):
+    calibration, _, neurons = convert("augmapping", threshold_scale=scale)
+    assert set(neurons) == set(calibration.thresholds) and len(neurons) == 2
+    for name, neuron in neurons.items():
+        torch.testing.assert_close(neuron.threshold, scale * calibration.thresholds[name])
+
+
+@pytest.mark.parametrize(("name", "c_max", "neg_threshold"), [
+    ("baseline", 1, None), ("termapping", 1, 1.0), ("augmapping", None, 1.0)])
+def test_each_method_builds_its_neuron_on_the_calibrated_thresholds(name, c_max, neg_threshold):
+    calibration, cfg, neurons = convert(name)
+    scale = cfg.method.get("threshold_scale", 1.0)
+    for layer, neuron in neurons.items():
+        assert isinstance(neuron, IFNeuron)
+        assert (neuron.c_max, neuron.neg_threshold, neuron.v0) == (c_max, neg_threshold, cfg.method.v0)
+        torch.testing.assert_close(neuron.threshold, scale * calibration.thresholds[layer])

@@ -1,0 +1,126 @@
+"""`snnbench report` on hand-made run folders: aggregation, pivot, failed runs, plots, bad input."""
+
+import os
+
+import pandas as pd
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from snnbench.cli import app
+from snnbench.report import collect, find_runs, pivot_accuracy, run_status, write_csv, write_json
+
+REPORT_FILES = ("report.csv", "accuracy_vs_t.csv", "accuracy_vs_t.png", "accuracy_vs_sops.png",
+                "firing_rates.png", "failed.csv")
+
+
+def fake_run(folder, overrides, accuracy, method=None, ann_accuracy=0.9):
+    """A complete run folder as `snnbench run` leaves it, with made-up numbers."""
+    method = method or dict(o.split("=") for o in overrides).get("method", "baseline")
+    T = len(accuracy)
+    write_csv(folder / "accuracy.csv", pd.DataFrame({
+        "method": method, "dataset": "digits", "model": "mlp", "t": range(1, T + 1), "accuracy": accuracy,
+        "events_per_image": [10.0 * t for t in range(1, T + 1)], "spike_units_per_image": 0.0,
+        "sops_per_image": [100.0 * t for t in range(1, T + 1)]}))
+    write_csv(folder / "layers.csv", pd.DataFrame({
+        "layer": ["classifier.1", "classifier.3"], "neurons": [64, 32], "threshold": 1.0, "events_per_image": 5.0,
+        "spike_units_per_image": 5.0, "firing_rate": [0.25, 0.5], "sops_per_image": 50.0}))
+    write_overrides(folder, overrides)
+    write_json(folder / "summary.json", {"ann_accuracy": ann_accuracy, "snn_accuracy": accuracy[-1], "T": T,
+                                         "method": method, "dataset": "digits", "model": "mlp",
+                                         "macs_per_image": 1000, "num_test_images": 10})
+
+
+def write_overrides(folder, overrides):
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def sweep(root):
+    """Four runs: baseline, termapping and AugMapping at two threshold scales; cache_dir differs between them."""
+    runs = [(["method=baseline"], [0.1, 0.5, 0.8]),
+            (["method=termapping"], [0.2, 0.6, 0.85]),
+            (["method=augmapping", "method.threshold_scale=1.0"], [0.3, 0.7, 0.9]),
+            (["method=augmapping", "method.threshold_scale=0.5"], [0.4, 0.75, 0.9])]
+    for number, (overrides, accuracy) in enumerate(runs):
+        fake_run(root / f"{number}_{number}", ["sim.T=3", f"cache_dir=c{number}", *overrides], accuracy)
+    return root
+
+
+def test_pivot_columns_are_methods_labelled_with_what_else_varies(tmp_path):
+    tidy, failed = collect(find_runs([sweep(tmp_path)]))
+    assert failed.empty
+    assert len(tidy) == 4 * 3
+    assert {"run", "label", "sim.T", "cache_dir", "method.threshold_scale", "method", "t", "accuracy",
+            "sops_per_image", "ann_accuracy"} <= set(tidy.columns)
+    pivot = pivot_accuracy(tidy)
+    # cache_dir differs too, but says where files live, not what was computed: it stays out of the labels
+    assert list(pivot.columns) == ["baseline", "termapping", "augmapping threshold_scale=1.0",
+                                   "augmapping threshold_scale=0.5"]
+    assert pivot.index.tolist() == [1, 2, 3]
+    assert pivot["termapping"].tolist() == [0.2, 0.6, 0.85]
+    assert pivot["augmapping threshold_scale=0.5"].tolist() == [0.4, 0.75, 0.9]
+
+
+def test_identical_settings_from_two_sweeps_stay_apart(tmp_path):
+    for sweep_name in ("a", "b"):
+        fake_run(tmp_path / sweep_name / "0_baseline", ["method=baseline"], [0.5, 0.6])
+    tidy, _ = collect(find_runs([tmp_path / "a", tmp_path / "b"]))
+    assert pivot_accuracy(tidy).columns.tolist() == [f"baseline [{tmp_path / s / '0_baseline'}]" for s in "ab"]
+
+
+def test_report_command_writes_tables_and_plots_and_lists_failures(tmp_path):
+    root = sweep(tmp_path / "sweep")
+    write_overrides(root / "4_4", ["method=augmapping", "sim.T=0"])
+    write_json(root / "4_4" / "error.json", {"error": "sim.T must be a positive integer, got 0"})
+    write_overrides(root / "10_10", ["method=baseline", "sim.T=3"])  # started, never finished
+    done = CliRunner().invoke(app, ["report", str(root)])
+    assert done.exit_code == 0, done.output
+    for name in REPORT_FILES:
+        assert (root / name).exists(), name
+    for name in REPORT_FILES[2:5]:
+        assert imread(root / name).shape[:2] == (540, 840), name  # 7 x 4.5 inches at 120 dpi
+    pivot = pd.read_csv(root / "accuracy_vs_t.csv")
+    assert pivot.columns.tolist() == ["t", "baseline", "termapping", "augmapping threshold_scale=1.0",
+                                      "augmapping threshold_scale=0.5"]
+    assert pivot.baseline.tolist() == [0.1, 0.5, 0.8]
+    failed = pd.read_csv(root / "failed.csv")
+    assert failed.run.tolist() == [str(root / "4_4"), str(root / "10_10")]  # natural order: job 4 before 10
+    assert failed.status.tolist() == ["failed", "incomplete"]
+    assert failed.error[0] == "sim.T must be a positive integer, got 0"
+    assert "failed:" in done.output and "incomplete:" in done.output
+    assert "termapping" in done.output and "85.00" in done.output  # the pivot table, accuracy at t=3 in %
+
+
+def test_report_writes_into_out_and_plots_the_chosen_run(tmp_path):
+    root = sweep(tmp_path / "sweep")
+    out = tmp_path / "paper"
+    done = CliRunner().invoke(app, ["report", str(root), "--out", str(out), "--layers-of", str(root / "1_1")])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    assert pd.read_csv(out / "failed.csv").empty
+    assert not (root / "report.csv").exists()
+
+
+def test_a_reused_run_folder_reports_its_latest_outcome(tmp_path):
+    fake_run(tmp_path, ["method=baseline"], [0.5])
+    assert run_status(tmp_path) == "complete"
+    write_json(tmp_path / "error.json", {"error": "boom"})
+    summary_time = (tmp_path / "summary.json").stat().st_mtime
+    os.utime(tmp_path / "error.json", (summary_time + 10, summary_time + 10))
+    assert run_status(tmp_path) == "failed"
+
+
+def test_bad_input_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fake_run(tmp_path / "failed_only", ["method=baseline"], [0.5])
+    (tmp_path / "failed_only" / "summary.json").unlink()
+    write_json(tmp_path / "failed_only" / "error.json", {"error": "boom"})
+    cases = {str(tmp_path / "missing"): "is not a folder",
+             str(tmp_path / "empty"): "no runs in",
+             str(tmp_path / "failed_only"): "no complete runs in"}
+    for folder, message in cases.items():
+        done = CliRunner().invoke(app, ["report", folder])
+        assert done.exit_code == 2
+        assert message in done.output and "Traceback" not in done.output
+    done = CliRunner().invoke(app, ["report", str(sweep(tmp_path / "sweep")), "--layers-of", str(tmp_path)])
+    assert done.exit_code == 2 and "not a complete run" in done.output

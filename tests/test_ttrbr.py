@@ -1,0 +1,95 @@
+"""TTRBR on a random tiny ResNet: the block rewrites keep the ANN's logits, each tuned threshold is the best
+candidate on what the simulated layer receives, and the diagnostics measure what METHODS.md defines."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from snnbench.calibrate import calibrate, record_activations
+from snnbench.cli import CONF_DIR
+from snnbench.convert import fold_batchnorm, relu_names
+from snnbench.methods import spiking_copy, ttrbr
+from snnbench.models.resnet import ResNet
+from snnbench.neurons import IFNeuron
+from snnbench.restructure import KINDS, restructure
+from snnbench.simulate import simulate
+
+
+def tiny_resnet():
+    """ResNet-8 (one block per stage, both option-A shortcuts) with non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    model = ResNet(8, in_channels=3, num_classes=10, mean=[0.5] * 3, std=[0.25] * 3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def images(n=16, seed=1):
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_restructuring_keeps_the_ann_logits(kind):
+    model, x = tiny_resnet(), images()
+    rewritten = restructure(model, kind)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), model(x), atol=1e-4, rtol=1e-4)
+    added = {"none": 0, "shortcut_neuron": 3, "merged": 0}[kind]  # one shortcut neuron per block
+    assert len(relu_names(rewritten)) == len(relu_names(model)) + added
+    if kind == "merged":  # the shortcut really goes through relu1: no addition is left in the blocks
+        assert all(not hasattr(block, "shortcut") for block in rewritten.layer2)
+
+
+def test_each_threshold_is_the_best_candidate_on_the_currents_from_the_tuned_layers_below():
+    model, x, T, scales = restructure(tiny_resnet(), "shortcut_neuron"), images(), 6, [0.5, 0.8, 1.0, 1.3]
+    thresholds = calibrate(model, [x], 99.9, False, "cpu").thresholds
+    snn = spiking_copy(model, thresholds, v0=0.5)
+    diagnostics = ttrbr.tune(snn, model, x, scales, T, per_channel=False)
+    assert len({d["threshold_scale"] for d in diagnostics.values()}) > 1  # the choice is not the same everywhere
+    # oracle: the tuned network run step by step; the layer's own neuron, one step per call, on what it receives
+    name = "layer2.0.relu2"
+    seen = []
+    hook = snn.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    simulate(snn, [(x, torch.zeros(len(x), dtype=torch.long))], T, chunk=1)
+    hook.remove()
+    target = record_activations(model, [name], x)[name]
+
+    def error(scale):
+        neuron = IFNeuron(thresholds[name] * scale, v0=0.5)
+        neuron.reset(len(x), T)
+        rate = sum(neuron(current) for current in seen) / T
+        return ((rate - target) ** 2).mean().item()
+
+    errors = [error(scale) for scale in scales]
+    assert diagnostics[name]["threshold_scale"] == scales[errors.index(min(errors))]
+    assert diagnostics[name]["error_rms"] == pytest.approx(min(errors) ** 0.5, rel=1e-4)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_tuning_lowers_every_layers_measured_error(per_channel):
+    model = fold_batchnorm(tiny_resnet())
+    x = images(32)
+    calibration = calibrate(model, [x], 99.9, False, "cpu")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "method=ttrbr", "method.restructure=none", "sim.T=8", f"method.per_channel={per_channel}"])
+    tuned = ttrbr.convert(model, calibration, cfg, [x])
+    cfg.method.tune = False
+    fixed = ttrbr.convert(model, calibration, cfg, [x])
+    T = 8
+    for name, diagnostics in tuned.diagnostics.items():
+        threshold = tuned.get_submodule(name).threshold
+        assert threshold.dim() == (1 if per_channel else 0)
+        assert min(cfg.method.scales) <= diagnostics["threshold_scale"] <= max(cfg.method.scales)
+        # with v0 = 0.5 a constant current is rounded: the quantization error is at most threshold / (2T)
+        assert diagnostics["quantization_rms"] <= threshold.max().item() / (2 * T) + 1e-6
+        assert fixed.diagnostics[name]["threshold_scale"] == 1.0
+    # the first layer sees the same (constant) input either way, so tuning can only lower its error
+    assert tuned.diagnostics["relu"]["error_rms"] <= fixed.diagnostics["relu"]["error_rms"]
+    # layer by layer the greedy choice wins on average over the network
+    mean = {k: sum(d["error_rms"] for d in net.diagnostics.values()) for k, net in (("t", tuned), ("f", fixed))}
+    assert mean["t"] < mean["f"]
