@@ -68,7 +68,7 @@ class FailureSummary(Callback):
 def describe(err: BaseException) -> str:
     """One line naming the problem and, where we know it, the fix."""
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted: finished stages are cached; rerun the same command to resume"
+        return "interrupted: finished stages and training epochs are saved; rerun the same command to resume"
     if isinstance(err, UserError):
         return str(err)
     text = str(err).strip()

@@ -1,6 +1,6 @@
 """Bad input ends in one line naming the problem and the fix, a non-zero exit code and no traceback.
-Config-level mistakes go through the real CLI; deeper ones call the loaders in-process (their CLI path is the
-same `_fail`, covered by the checkpoint and dataset cases here)."""
+Config-level mistakes go through the real CLI; deeper ones call the loaders in-process (a UserError from deep
+in the pipeline reaches the same one-line `_fail`, as the missing-dataset case shows through the CLI)."""
 
 import json
 import os
@@ -31,8 +31,8 @@ def snnbench_run(tmp_path, *overrides, options=(), code=None, env=None):
     """`python -m snnbench OPTIONS run OVERRIDES` (or `python -c CODE ...`, CODE starting the CLI itself) with
     its run folder and cache under tmp_path."""
     start = ["-c", code] if code else ["-m", "snnbench"]
-    return subprocess.run([sys.executable, *start, *options, "run", f"hydra.run.dir={tmp_path / 'run'}",
-                           f"cache_dir={tmp_path / 'cache'}", *overrides], cwd=CONF_DIR.parent,
+    return subprocess.run([sys.executable, *start, *options, "run", *overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                           f"cache_dir={tmp_path / 'cache'}"], cwd=CONF_DIR.parent,
                           capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -4,9 +4,10 @@ trusted, and a rerun gives the results an uninterrupted run gives."""
 import json
 import logging
 import os
+import re
+import shutil
 
 import pytest
-import torch
 from test_errors import compose_cfg, snnbench_run
 
 from snnbench import pipeline
@@ -15,12 +16,13 @@ from snnbench.models import build_model
 from snnbench.report import atomic_write_bytes
 from snnbench.train import cached, train
 
-RUN = ("train.epochs=1", "sim.T=8", "sim.num_samples=40", "sim.batch_size=8")
+RUN = ("train.epochs=2", "sim.T=8", "sim.num_samples=40", "sim.batch_size=8")
 RESULTS = ("accuracy.csv", "layers.csv", "summary.json")
 
-# The real CLI, with simulate() wrapped so that the process sends itself SIGTERM after the first batch:
-# an interrupt in the middle of the simulation, at the same point every time.
-SIGTERM_DURING_SIMULATION = """
+# The real CLI, with one function wrapped so that the process sends itself SIGTERM at the same point every time:
+# after the first simulated batch, or after training epoch 1 (of 2) was saved.
+SIGTERM_DURING = {
+    "simulation": """
 import os, signal
 from snnbench import pipeline
 from snnbench.cli import main
@@ -35,34 +37,62 @@ def simulate_until_sigterm(*args, progress, **kwargs):
 
 pipeline.simulate = simulate_until_sigterm
 main()
-"""
+""",
+    "training": """
+import os, signal
+from snnbench import train
+from snnbench.cli import main
+
+save_progress = train._save_progress
+
+def save_progress_then_sigterm(*args):
+    save_progress(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+train._save_progress = save_progress_then_sigterm
+main()
+""",
+}
+RESUMED_FROM = {"simulation": ("using cached ANN", "using cached calibration"),
+                "training": ("resuming training after epoch 1", "epoch 2/2")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The results of RUN from start to end, without interruption."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    pipeline.run(compose_cfg(folder, *RUN), folder)
+    return folder
 
 
 def leftovers(folder):
     return sorted(p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial")))
 
 
-def test_sigterm_during_simulation_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stage", SIGTERM_DURING)
+def test_sigterm_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, stage, uninterrupted):
     run = tmp_path / "run"
-    killed = snnbench_run(tmp_path, *RUN, code=SIGTERM_DURING_SIMULATION)
+    killed = snnbench_run(tmp_path, *RUN, code=SIGTERM_DURING[stage])
     assert killed.returncode == 130, killed.stderr
-    assert killed.stderr == "error: interrupted: finished stages are cached; rerun the same command to resume\n"
-    assert "simulating" in (run / "snnbench.log").read_text()
+    assert killed.stderr == ("error: interrupted: finished stages and training epochs are saved; "
+                             "rerun the same command to resume\n")
     assert not [name for name in RESULTS if (run / name).exists()]
     assert leftovers(tmp_path) == []
     assert json.loads((run / "error.json").read_text())["type"] == "KeyboardInterrupt"
+    progress = list((tmp_path / "cache" / "ann").glob("*.progress.pt"))
+    assert len(progress) == (stage == "training")  # epoch 1 saved; once the ANN is cached, no progress is kept
 
     rerun = snnbench_run(tmp_path, *RUN)
     assert rerun.returncode == 0, rerun.stderr
-    assert "using cached ANN" in rerun.stdout and "using cached calibration" in rerun.stdout
-    assert "training ANN" not in rerun.stdout
+    for line in RESUMED_FROM[stage]:
+        assert line in rerun.stdout
+    assert "epoch 1/2" not in rerun.stdout  # no finished epoch is trained twice
     assert not (run / "error.json").exists()  # the folder now holds a complete run only
+    assert not list((tmp_path / "cache" / "ann").glob("*.progress.pt"))
 
-    reference = tmp_path / "uninterrupted"
-    pipeline.run(compose_cfg(reference, *RUN), reference)
     for name in ("accuracy.csv", "layers.csv"):
-        assert (run / name).read_text() == (reference / name).read_text()
-    summary, expected = (json.loads((folder / "summary.json").read_text()) for folder in (run, reference))
+        assert (run / name).read_text() == (uninterrupted / name).read_text()
+    summary, expected = (json.loads((folder / "summary.json").read_text()) for folder in (run, uninterrupted))
     for key in ("ann_accuracy", "snn_accuracy", "sops_per_image", "checkpoint_sha256"):
         assert summary[key] == expected[key]
 
@@ -73,24 +103,24 @@ def logs(caplog):
     return caplog
 
 
-def test_corrupted_cached_ann_is_detected_and_rebuilt(tmp_path, logs):
-    cfg = compose_cfg(tmp_path, *RUN)
-    first = pipeline.run(cfg, tmp_path / "first")
+def test_corrupted_cached_ann_is_detected_and_rebuilt(tmp_path, logs, uninterrupted):
+    shutil.copytree(uninterrupted / "cache", tmp_path / "cache")  # the cache an earlier run left
     (entry,) = (tmp_path / "cache" / "ann").glob("*_*.pt")
     assert [p.name for p in entry.parent.glob("*.progress.pt")] == []  # per-epoch progress is gone once cached
     data = bytearray(entry.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: torch might still load it, with a wrong weight
     entry.write_bytes(bytes(data))
 
-    logs.clear()
-    second = pipeline.run(cfg, tmp_path / "second")
+    cfg = compose_cfg(tmp_path, *RUN)
+    rebuilt = pipeline.run(cfg, tmp_path / "rebuilt")
     assert f"cache entry {entry} does not match its recorded sha256 and config key" in logs.text
     assert "training ANN" in logs.text and "using cached ANN" not in logs.text
+    expected = json.loads((uninterrupted / "summary.json").read_text())
     for key in ("ann_accuracy", "snn_accuracy", "events_per_image", "checkpoint_sha256"):
-        assert second[key] == first[key]
+        assert rebuilt[key] == expected[key]
 
     logs.clear()
-    pipeline.run(cfg, tmp_path / "third")
+    pipeline.run(cfg, tmp_path / "again")
     assert "using cached ANN" in logs.text and "WARNING" not in logs.text
 
 
@@ -129,54 +159,24 @@ def test_damaged_cache_entry_is_rebuilt_never_used(tmp_path, logs, damage):
         assert cached(path, "key", build_from(b"not used"), bytes, load) == (b"good value", digest, True)
 
 
-class InterruptedAt:
-    """Training batches that raise KeyboardInterrupt (as Ctrl-C would) when the `at`-th batch is due."""
-
-    def __init__(self, batches, at):
-        self.batches, self.at, self.generator = batches, at, batches.generator
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for count, batch in enumerate(self.batches, start=1):
-            if count == self.at:
-                raise KeyboardInterrupt
-            yield batch
-
-
-def test_interrupted_training_resumes_from_its_last_finished_epoch(cfg, tmp_path, logs):
-    cfg.train.epochs = 3
-    splits = build_splits(cfg.dataset)
+def test_damaged_training_progress_restarts_training_with_a_warning(cfg, tmp_path, logs):
+    cfg.train.epochs = 1
     progress = tmp_path / "ann.progress.pt"
-
-    def start():
-        torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.dataset)
-        return model, loader(splits.train, 128, shuffle=True, seed=0), loader(splits.test, 256)
-
-    model, train_batches, test_batches = start()
-    expected = train(model, train_batches, test_batches, cfg.train, "cpu").state_dict()
-
-    model, train_batches, test_batches = start()
-    steps_per_epoch = len(train_batches)
-    with pytest.raises(KeyboardInterrupt):  # in the middle of epoch 2
-        train(model, InterruptedAt(train_batches, steps_per_epoch + 3), test_batches, cfg.train, "cpu", progress)
-    assert progress.exists() and leftovers(tmp_path) == []
-
-    logs.clear()
-    model, train_batches, test_batches = start()
-    resumed = train(model, train_batches, test_batches, cfg.train, "cpu", progress).state_dict()
-    assert f"resuming training after epoch 1 (saved in {progress})" in logs.text
-    assert "epoch 1/3" not in logs.text and "epoch 2/3" in logs.text
-    for key, tensor in expected.items():
-        assert torch.equal(resumed[key], tensor), key
+    progress.write_bytes(b"half a progress fi")
+    splits = build_splits(cfg.dataset)
+    train(build_model(cfg.model, cfg.dataset), loader(splits.train, 128, shuffle=True), loader(splits.test, 256),
+          cfg.train, "cpu", progress)
+    assert re.search(rf"cannot resume training from {re.escape(str(progress))} \(\w+Error\): starting from epoch 1",
+                     logs.text)
+    assert "epoch 1/1" in logs.text
+    assert progress.exists()  # replaced by the state after epoch 1
 
 
-def test_interrupt_while_writing_results_leaves_no_csv_without_summary(tmp_path, monkeypatch):
+def test_interrupt_while_writing_results_leaves_no_csv_without_summary(tmp_path, monkeypatch, uninterrupted):
     def interrupted(path, data):
         raise KeyboardInterrupt
 
+    shutil.copytree(uninterrupted / "cache", tmp_path / "cache")  # no training: straight to the results
     cfg = compose_cfg(tmp_path, *RUN)
     monkeypatch.setattr(pipeline, "write_json", interrupted)  # after both CSVs, before summary.json
     with pytest.raises(KeyboardInterrupt):

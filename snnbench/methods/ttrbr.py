@@ -28,8 +28,9 @@ ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
 def convert(ann, calibration, cfg, batches):
     knobs = cfg.method
     model = restructure(ann, knobs.restructure)
-    if knobs.restructure != "none":  # new neurons: calibrate the rewritten network the same way
-        calibration = calibrate(model, batches, cfg.calibrate.percentile, cfg.calibrate.per_channel,
+    if knobs.restructure != "none" or knobs.per_channel != calibration.per_channel:
+        # new neurons, or percentiles per channel: calibrate the rewritten network the same way
+        calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel,
                                 next(model.parameters()).device, cfg.seed)
     snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0)
     images = torch.cat(batches)[:knobs.tune_images]
