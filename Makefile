@@ -27,6 +27,10 @@ sweep: install  ## baseline vs termapping vs augmapping on digits (T=16, one ANN
 report: install  ## tables and plots of `make sweep` (report.csv, accuracy_vs_t.png, ...) into its folder
 	$(BIN)/snnbench report $(SWEEP_DIR)
 
+bench: install  ## engine speed and memory vs reference, dense floor, SpikingJelly; MNIST CNN T=64 (docs/performance.md)
+	$(BIN)/snnbench bench dataset=mnist train.epochs=1 sim.T=64 sim.batch_size=64 bench.repeats=3 $(ARGS) \
+	    --out outputs/bench/mnist_cnn_T64.csv
+
 test: install  ## run the fast test suite
 	$(BIN)/pytest -q
 
@@ -40,4 +44,4 @@ clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs/runs outputs/multirun outputs/cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install run sweep report test test-slow lint clean
+.PHONY: help install run sweep report bench test test-slow lint clean

@@ -2,17 +2,19 @@
 network — the snnbench engine, its step-by-step reference loop, the dense ANN forward pass x T (the floor for
 dense simulation) and SpikingJelly's ann2snn converter (when installed).
 
-Each engine runs in a fresh Python process, so that its peak memory is its own: the peak resident memory
-(Linux VmHWM, reset just before the engine's first run; ru_maxrss elsewhere) minus the resident memory the
-process already had with torch, the model and the test batches loaded. On CUDA it is the peak of
-torch.cuda.max_memory_allocated over what was allocated before. Time: `bench.warmup` untimed runs, then the
-median of `bench.repeats` timed runs over the same `bench.batches` test batches.
+Each engine lives in a process of its own, so that its memory is its own; the processes take turns, one run
+at a time (`bench.warmup` untimed rounds, then `bench.repeats` timed ones, the median reported), so that a
+change of load on a shared machine touches every engine alike. Peak memory: in the engine's first run, the
+peak resident memory (Linux VmHWM, reset just before the run; ru_maxrss elsewhere) minus the resident memory
+of the process once torch, the model and the test batches were loaded; on CUDA, torch.cuda.max_memory_allocated
+minus what was allocated once loaded.
 """
 
 import copy
 import gc
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -35,7 +37,7 @@ from snnbench.data import build_splits, loader
 from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
 from snnbench.pipeline import calibrate_stage, calibration_images, prepare_ann, resolve_device, validate
-from snnbench.report import console, write_csv, write_json
+from snnbench.report import console, write_csv
 from snnbench.simulate import activation_elements, choose_chunk, simulate, simulate_step_by_step
 
 log = logging.getLogger("snnbench")
@@ -62,8 +64,6 @@ class Workload:
     coding: str
     device: str
     seed: int
-    warmup: int
-    repeats: int
 
 
 def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
@@ -90,21 +90,15 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     batches = list(loader(splits.test, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
-    work = Workload(ann, folded, snn, batches, images, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
-                    cfg.bench.warmup, cfg.bench.repeats)
+    work = Workload(ann, folded, snn, batches, images, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed)
     num_images = sum(len(labels) for _, labels in batches)
     log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d steps per chunk, device %s, %d threads",
              cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, chunk,
              device, torch.get_num_threads())
-    results = {}
     with tempfile.TemporaryDirectory(prefix="snnbench-bench-") as folder:
         path = Path(folder) / "workload.pt"
         torch.save(work, path)
-        for engine in cfg.bench.engines:
-            log.info("bench: measuring %s", engine)
-            results[engine] = _in_fresh_process(engine, path)
-            if len(results[engine].get("modes", ())) > 1:
-                log.info("bench: %s median seconds per mode: %s", engine, results[engine]["modes"])
+        results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
     show_bench(frame, results, cfg, chunk, num_images)
     if out is not None:
@@ -113,14 +107,61 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     return frame
 
 
-def _in_fresh_process(engine: str, workload: Path) -> dict:
-    result = workload.with_name(f"{engine}.json")
-    done = subprocess.run([sys.executable, "-c", "from snnbench.bench import worker; worker()", engine,
-                           str(workload), str(result)], capture_output=True, text=True)
-    if done.returncode != 0 or not result.exists():
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        return {"status": f"failed: {lines[-1] if lines else f'exit code {done.returncode}'}"}
-    return json.loads(result.read_text())
+def _measure_alternating(engines: list[str], workload: Path, warmup: int, repeats: int) -> dict:
+    """Start one process per engine, then run the engines in turn, one run at a time (`warmup` untimed rounds,
+    then `repeats` timed ones), so that a load change on a shared machine touches every engine alike. Per
+    engine: the median run of its fastest mode, that mode's peak memory and its correct counts."""
+    processes = {engine: _start(engine, workload) for engine in engines}
+    try:
+        results = {engine: _receive(process) for engine, process in processes.items()}
+        runs = {engine: {mode: [] for mode in result.get("modes", ())} for engine, result in results.items()}
+        for round_ in range(warmup + repeats):
+            log.info("bench: %s run %d of %d", "warm-up" if round_ < warmup else "timed", round_ + 1,
+                     warmup + repeats)
+            for engine, modes in runs.items():
+                for mode, measured in modes.items():
+                    if "status" in results[engine]:
+                        break
+                    processes[engine].stdin.write(mode + "\n")
+                    processes[engine].stdin.flush()
+                    reply = _receive(processes[engine])
+                    if "status" in reply:
+                        results[engine] = reply
+                    else:
+                        measured.append(reply)
+    finally:
+        for process in processes.values():
+            process.stdin.close()
+            process.wait()
+    for engine, modes in runs.items():
+        if "status" in results[engine]:
+            continue
+        # the first run of a mode is the one that had to grow the process: later ones reuse freed memory
+        summary = {mode: {"seconds": statistics.median(r["seconds"] for r in measured[warmup:]),
+                          "peak_mem_mb": measured[0]["peak_mem_mb"], "correct": measured[-1]["correct"]}
+                   for mode, measured in modes.items()}
+        fastest = min(summary, key=lambda mode: summary[mode]["seconds"])
+        results[engine] = {**summary[fastest], "mode": fastest}
+        if len(summary) > 1:
+            log.info("bench: %s median seconds per mode: %s", engine,
+                     ", ".join(f"{mode} {m['seconds']:.2f}" for mode, m in summary.items()))
+    return results
+
+
+def _start(engine: str, workload: Path) -> subprocess.Popen:
+    log_file = open(workload.with_name(f"{engine}.log"), "w")  # the process writes its stderr here until it ends
+    return subprocess.Popen([sys.executable, "-c", "from snnbench.bench import worker; worker()", engine,
+                             str(workload)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True)
+
+
+def _receive(process: subprocess.Popen) -> dict:
+    """The process's next message, or if it died, a status naming the last line it wrote."""
+    line = process.stdout.readline()
+    if line:
+        return json.loads(line)
+    process.wait()
+    lines = [text for text in Path(process.stderr.name).read_text().splitlines() if text.strip()]
+    return {"status": f"failed: {lines[-1] if lines else f'exit code {process.returncode}'}"}
 
 
 def _tabulate(results: dict, cfg, device: str, num_images: int) -> pd.DataFrame:
@@ -168,42 +209,45 @@ def show_bench(frame: pd.DataFrame, results: dict, cfg, chunk: int, num_images: 
 # ---- inside an engine's own process ----
 
 def worker():
-    """Entry point of an engine's process: `python -c '...worker()' ENGINE WORKLOAD RESULT`."""
-    engine, workload, result = sys.argv[1:4]
+    """An engine's own process: `python -c '...worker()' ENGINE WORKLOAD`. It says which modes it can run (or why
+    none), then runs the mode named on each line of its standard input and replies with one JSON line."""
+    engine, workload = sys.argv[1:3]
+    channel = os.fdopen(os.dup(1), "w")  # the replies; whatever the libraries print goes to the log instead
+    os.dup2(2, 1)
+
+    def reply(message: dict):
+        channel.write(json.dumps(message) + "\n")
+        channel.flush()
+
     work = torch.load(workload, weights_only=False)
     try:
         modes = {"snnbench": _snnbench, "reference": _reference, "ann_floor": _ann_floor,
                  "spikingjelly": _spikingjelly}[engine](work)
-        measured = [{**_measure(run, work), "mode": mode} for mode, run in modes.items()]
-        outcome = min(measured, key=lambda m: m["seconds"])
-        outcome["modes"] = {m["mode"]: m["seconds"] for m in measured}
     except Unsupported as err:
-        outcome = {"status": str(err)}
-    write_json(result, outcome)
-
-
-def _measure(run, work: Workload) -> dict:
-    """Warm-up, then the median of the timed runs, and the peak memory the runs needed."""
-    gc.collect()
+        reply({"status": str(err)})
+        return
     cuda = torch.device(work.device).type == "cuda"
+    loaded = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss
+    reply({"modes": list(modes)})
+    for line in sys.stdin:
+        reply(_run_once(modes[line.strip()], cuda, loaded))
+
+
+def _run_once(run, cuda: bool, loaded: int) -> dict:
+    """Seconds of one run, its correct counts, and its peak memory beyond what the process held once loaded."""
+    gc.collect()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
-        before = psutil.Process().memory_info().rss
-    for _ in range(work.warmup):
-        run()
-    seconds = []
-    for _ in range(work.repeats):
-        start = time.perf_counter()
-        correct = run()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    correct = run()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
-    return {"seconds": statistics.median(seconds), "correct": correct, "peak_mem_mb": (peak - before) / 2**20}
+    return {"seconds": seconds, "correct": correct, "peak_mem_mb": (peak - loaded) / 2**20}
 
 
 def _reset_peak_rss():

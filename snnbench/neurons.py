@@ -40,6 +40,7 @@ class IFNeuron(nn.Module):
         self.t = 0
         self.v = None
         self.net = None
+        self.scratch = None
         self.events = torch.zeros(total_steps, dtype=torch.float64)
         self.units = torch.zeros(total_steps, dtype=torch.float64)
 
@@ -62,12 +63,13 @@ class IFNeuron(nn.Module):
         theta = self._theta(x.dim() - 1)
         if self.v is None:
             self.v = (self.v0 * theta).expand(batch, *x.shape[1:]).clone()
-            self.net = torch.zeros_like(self.v) if self.neg_threshold is not None else None
-        # written in place: the emitted values (returned), this step's coefficients and a scratch for negative
-        # events (both stay in cache across steps), and per step and image the spike units and events
+            negative = self.neg_threshold is not None
+            self.net = torch.zeros_like(self.v) if negative else None
+            # this step's coefficients and negative events: reused by every step (no allocation, stays in cache)
+            self.scratch = torch.empty_like(self.v), (torch.empty_like(self.v) if negative else None)
+        c, undo = self.scratch
+        # written in place: the emitted values (returned) and, per step and image, the spike units and events
         out = torch.empty((steps, batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        c = torch.empty_like(self.v)
-        undo = torch.empty_like(self.v) if self.neg_threshold is not None else None
         counts = torch.empty((2, steps, batch), dtype=x.dtype, device=x.device)
         for step in range(steps):
             self.v.add_(currents if constant else currents[step])
