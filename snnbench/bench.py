@@ -200,10 +200,14 @@ def show_bench(frame: pd.DataFrame, results: dict, cfg, chunk: int, num_images: 
                       number(None if pd.isna(row.accuracy) else 100 * row.accuracy, ".2f"),
                       result.get("status") or result.get("mode", ""))
     console.print(table)
+    for engine, result in results.items():
+        if "status" in result:  # in full, whatever the table's width cut off
+            console.print(f"{engine}: {result['status']}", soft_wrap=True)
     if "snnbench" in results and "reference" in results and "correct" in results["reference"]:
         same = results["snnbench"].get("correct") == results["reference"]["correct"]
         console.print("snnbench and the step-by-step reference: " +
-                      ("identical correct counts at every t" if same else "[bold red]DIFFERENT results[/bold red]"))
+                      ("identical correct counts at every t" if same else "[bold red]DIFFERENT results[/bold red]"),
+                      soft_wrap=True)
 
 
 # ---- inside an engine's own process ----

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Subset
 
 from snnbench import methods
 from snnbench.calibrate import Calibration, calibrate
@@ -36,6 +37,7 @@ def validate(cfg: DictConfig):
     positive_int("sim.batch_size", cfg.sim.batch_size)
     positive_int("sim.num_samples", cfg.sim.num_samples, allow_none=True)
     positive_int("train.batch_size", cfg.train.batch_size)
+    positive_int("train.num_samples", cfg.train.num_samples, allow_none=True)
     positive_int("calibrate.batch_size", cfg.calibrate.batch_size)
     positive_int("calibrate.num_batches", cfg.calibrate.num_batches)
     if cfg.sim.chunk != "auto":
@@ -89,7 +91,9 @@ def prepare_ann(cfg, splits, device):
         log.info("loading ANN weights from %s (training skipped)", path)
         return load_checkpoint(model, path).eval(), str(path), sha256_of(path)
     dataset = {k: v for k, v in _container(cfg.dataset).items() if k not in ("root", "download", "verify")}
-    train_cfg = {k: v for k, v in _container(cfg.train).items() if k not in ("checkpoint", "num_workers")}
+    # unset options (None) stay out of the key, so a knob added later keeps existing cache entries valid
+    train_cfg = {k: v for k, v in _container(cfg.train).items()
+                 if k not in ("checkpoint", "num_workers") and v is not None}
     key = config_hash(dataset, _container(cfg.model), train_cfg, cfg.seed)
     path = Path(cfg.cache_dir) / "ann" / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
     progress = path.with_suffix(".progress.pt")  # per-epoch state: an interrupted training resumes from it
@@ -98,7 +102,11 @@ def prepare_ann(cfg, splits, device):
         log.info("training ANN %s on %s for %d epochs (cache entry %s)", cfg.model.name, cfg.dataset.name,
                  cfg.train.epochs, path.name)
         torch.manual_seed(cfg.seed)
-        train_batches = loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+        train_set = splits.train
+        if cfg.train.num_samples is not None and cfg.train.num_samples < len(train_set):
+            chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
+            train_set = Subset(train_set, chosen[:cfg.train.num_samples].tolist())
+        train_batches = loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
                                num_workers=cfg.train.num_workers)
         test_batches = loader(splits.test, 256, num_workers=cfg.train.num_workers)
         return train(model, train_batches, test_batches, cfg.train, device, progress)

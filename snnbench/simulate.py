@@ -10,9 +10,9 @@ from torch import nn
 from snnbench.neurons import IFNeuron
 
 # Time steps folded into one batch on each device when sim.chunk=auto, chosen by `snnbench bench`.
-# CPU (2 cores, docs/performance.md): MNIST CNN, T=64, batch 64, time / dense floor for chunk 1, 2, 4, 8:
-# 1.24, 1.00, 0.59, 0.71; beyond 4 steps the folded batch outgrows the caches. CUDA: not measured here
-# (no GPU); big chunks keep a GPU busy.
+# CPU (2 cores, docs/performance.md): MNIST CNN, T=64, batch 64, time / dense floor for chunk 1, 2, 4, 8, 16:
+# 1.24, 1.00, 0.59, 0.71, 0.89; beyond 4 steps the folded batch outgrows the caches.
+# CUDA: not measured (no GPU here); big chunks keep a GPU busy.
 DEFAULT_CHUNK = {"cpu": 4, "cuda": 32}
 
 

@@ -41,3 +41,27 @@ def test_missing_files_say_where_and_how(cfg, tmp_path):
     cfg.dataset = {**cfg.dataset, "name": "fashion_mnist", "root": str(tmp_path / "nowhere")}
     with pytest.raises(UserError, match=r"FashionMNIST/raw/.*dataset.root="):
         build_splits(cfg.dataset, tmp_path)
+
+
+def test_train_num_samples_trains_on_a_seeded_subset_and_keys_the_cache(cfg, monkeypatch):
+    from snnbench import pipeline
+
+    seen = []
+
+    def fake_train(model, train_batches, test_batches, train_cfg, device, progress):
+        images = train_batches.dataset
+        seen.append(sorted(images.indices) if hasattr(images, "indices") else list(range(len(images))))
+        return model
+
+    monkeypatch.setattr(pipeline, "train", fake_train)
+    splits = build_splits(cfg.dataset)
+    cfg.train.num_samples = 100
+    _, first, _ = pipeline.prepare_ann(cfg, splits, "cpu")
+    pipeline.Path(first).unlink()
+    pipeline.prepare_ann(cfg, splits, "cpu")
+    cfg.train.num_samples = None
+    _, full, _ = pipeline.prepare_ann(cfg, splits, "cpu")
+    assert len(seen[0]) == 100 and seen[0] == seen[1]  # the same images every time
+    assert len(set(seen[0])) == 100 and max(seen[0]) < len(splits.train)
+    assert len(seen[2]) == len(splits.train)
+    assert first != full  # a subset is another recipe: its own cache entry

@@ -1,9 +1,10 @@
+import psutil
 import pytest
 import torch
 from torch import nn
 
 from snnbench.neurons import IFNeuron
-from snnbench.simulate import choose_chunk, simulate, simulate_step_by_step
+from snnbench.simulate import choose_chunk, memory_budget_mb, simulate, simulate_step_by_step
 
 
 def batches(n=3, batch=5, shape=(1, 6, 6)):
@@ -44,3 +45,10 @@ def test_chunk_respects_memory_budget():
     assert choose_chunk("auto", 64, 64, 10_000, 1e9, "cpu") >= 1
     assert choose_chunk(32, 64, 64, 10_000_000, 100, "cpu") == 1
     assert choose_chunk(32, 8, 1, 10, 1e9, "cpu") == 8
+
+
+def test_memory_budget_defaults_to_half_the_free_memory():
+    assert memory_budget_mb(512, "cpu") == 512
+    assert 0 < memory_budget_mb(None, "cpu") <= psutil.virtual_memory().total / 2**21
+    huge = psutil.virtual_memory().total // 4  # float32 elements per image: one step needs 2x the whole RAM
+    assert choose_chunk(32, 64, 1, huge, None, "cpu") == 1
