@@ -62,6 +62,13 @@ def test_cli_rejects_bad_config_in_one_line(tmp_path, overrides, message):
     assert_one_line_error(done, message)
 
 
+def load_error(cfg, path) -> str:
+    """The one-line message of loading `path` into the configured model."""
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(build_model(cfg.model, cfg.dataset), path)
+    return str(raised.value)
+
+
 def test_cli_names_where_missing_dataset_files_were_looked_for(tmp_path):
     done = snnbench_run(tmp_path, "dataset=mnist", f"dataset.root={tmp_path / 'nowhere'}")
     assert_one_line_error(done, f"mnist files not found under {tmp_path}/nowhere/MNIST/raw/ (Dataset not found. "
@@ -168,20 +175,18 @@ def damage(path, how):
 def test_unreadable_checkpoint_is_named(cfg, saved_mlp, how, reason):
     torch.manual_seed(1)  # the same random bytes every time
     damage(saved_mlp, how)
-    with pytest.raises(UserError) as raised:
-        load_checkpoint(build_model(cfg.model, cfg.dataset), saved_mlp)
+    message = load_error(cfg, saved_mlp)
     assert re.fullmatch(rf"{re.escape(str(saved_mlp))} is not a PyTorch checkpoint, or it is truncated or "
                         rf"corrupted \({reason}\): point train\.checkpoint at a complete file saved with torch\.save",
-                        str(raised.value))
-    assert "weights_only` set to `False" not in str(raised.value)  # torch's advice to load unsafely is dropped
+                        message)
+    assert "weights_only` set to `False" not in message  # torch's advice to load unsafely is dropped
 
 
 def test_pickled_model_is_refused_by_the_safe_load(cfg, tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(nn.Linear(2, 2), path)
-    with pytest.raises(UserError) as raised:
-        load_checkpoint(build_model(cfg.model, cfg.dataset), path)
-    assert str(raised.value) == (
+    message = load_error(cfg, path)
+    assert message == (
         f"{path} holds Python objects besides tensors (UnpicklingError: Unsupported global: GLOBAL "
         "torch.nn.modules.linear.Linear), which a safe load (weights_only) refuses: re-save it as "
         "torch.save(model.state_dict(), path)")
@@ -189,16 +194,14 @@ def test_pickled_model_is_refused_by_the_safe_load(cfg, tmp_path):
 
 def test_checkpoint_of_another_model_names_the_first_mismatching_keys(cfg, saved_mlp):
     cfg.model.hidden = [32, 64]  # same layers, other widths
-    with pytest.raises(UserError) as raised:
-        load_checkpoint(build_model(cfg.model, cfg.dataset), saved_mlp)
-    assert str(raised.value) == (
+    message = load_error(cfg, saved_mlp)
+    assert message == (
         f"checkpoint {saved_mlp} does not match the model (shape mismatch (checkpoint vs model): "
         "classifier.1.weight (128, 64) vs (32, 64), classifier.2.weight (128,) vs (32,), "
         "classifier.2.bias (128,) vs (32,) ...); choose the model= it was trained with")
     cfg.model.hidden = [128]  # a layer fewer
-    with pytest.raises(UserError) as raised:
-        load_checkpoint(build_model(cfg.model, cfg.dataset), saved_mlp)
-    assert str(raised.value) == (
+    message = load_error(cfg, saved_mlp)
+    assert message == (
         f"checkpoint {saved_mlp} does not match the model (missing keys: classifier.4.bias; unexpected keys: "
         "classifier.5.weight, classifier.5.bias, classifier.5.running_mean ...; shape mismatch (checkpoint vs "
         "model): classifier.4.weight (64, 128) vs (10, 128)); choose the model= it was trained with")
