@@ -48,6 +48,7 @@ def validate(cfg: DictConfig):
     if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
         raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
     choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
+               "sim.split": (cfg.sim.split, ("test", "train")),
                "device": (cfg.device, ("auto", "cpu", "cuda")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
                "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
@@ -184,10 +185,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     splits = build_splits(cfg.dataset, cfg.cache_dir)
     ann, checkpoint, checkpoint_sha = prepare_ann(cfg, splits, device)
     ann = apply_maxpool_policy(ann, cfg.convert.maxpool)
-    test_batches = loader(splits.test, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,
+    # split=train (training images, unaugmented) lets knobs be chosen without looking at the test set
+    evaluated = splits.test if cfg.sim.split == "test" else splits.calibration
+    test_batches = loader(evaluated, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,
                           seed=cfg.seed, limit=cfg.sim.num_samples)
     ann_accuracy = evaluate(ann, test_batches, device)
-    log.info("ANN accuracy %.2f %% on %d test images", 100 * ann_accuracy, len(test_batches.dataset))
+    log.info("ANN accuracy %.2f %% on %d %s images", 100 * ann_accuracy, len(test_batches.dataset), cfg.sim.split)
     times["time_train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -221,8 +224,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary = {
         "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
-        "num_test_images": result.num_images, "coding": cfg.sim.coding, "device": device, "chunk": chunk,
-        "macs_per_image": macs_per_image,
+        "num_test_images": result.num_images, "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
+        "chunk": chunk, "macs_per_image": macs_per_image,
         "events_per_image": float(accuracy.events_per_image.iloc[-1]),
         "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
         "sops_per_image": float(sops),

@@ -72,7 +72,7 @@ def show_run(summary: dict, accuracy: pd.DataFrame):
 # ---- `snnbench report`: merge run folders into comparison tables and plots ----
 
 RUN_MARKERS = ("summary.json", "error.json", ".hydra")  # a folder holding any of these is a run
-SUMMARY_COLUMNS = ("ann_accuracy", "T", "num_test_images", "coding", "macs_per_image", "checkpoint_sha256")
+SUMMARY_COLUMNS = ("ann_accuracy", "T", "num_test_images", "split", "coding", "macs_per_image", "checkpoint_sha256")
 FAILED_COLUMNS = ("run", "status", "error")
 # overrides that say where a run keeps its files or how fast it goes, not what it computes: report.csv keeps them,
 # the pivot's column labels leave them out

@@ -65,3 +65,12 @@ def test_train_num_samples_trains_on_a_seeded_subset_and_keys_the_cache(cfg, mon
     assert len(set(seen[0])) == 100 and max(seen[0]) < len(splits.train)
     assert len(seen[2]) == len(splits.train)
     assert first != full  # a subset is another recipe: its own cache entry
+
+
+def test_sim_split_train_evaluates_training_images(cfg, tmp_path):
+    from snnbench import pipeline
+
+    cfg.train.epochs, cfg.sim.T, cfg.sim.split = 1, 2, "train"
+    summary = pipeline.run(cfg, tmp_path)
+    splits = build_splits(cfg.dataset)
+    assert summary["split"] == "train" and summary["num_test_images"] == len(splits.calibration) != len(splits.test)

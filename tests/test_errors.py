@@ -124,6 +124,9 @@ def test_missing_checkpoint_is_named(cfg, tmp_path):
     ("calibrate.batch_size", -2,
      "calibrate.batch_size must be a positive integer, got -2: set e.g. calibrate.batch_size=32"),
     ("model.pool", "min", "model.pool must be one of avg, max, got 'min'"),
+    ("sim.split", "val", "sim.split must be one of test, train, got 'val'"),
+    ("train.num_samples", 0,
+     "train.num_samples must be a positive integer, got 0: set e.g. train.num_samples=32"),
 ])
 def test_validate_rejects_bad_values(cfg, key, value, message):
     section, name = key.split(".")
