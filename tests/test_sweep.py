@@ -6,11 +6,13 @@ import multiprocessing
 import time
 
 import pandas as pd
+import pytest
 from hydra import compose, initialize_config_dir
 from test_cli import snnbench  # tests/ is on sys.path (pytest rootdir-relative imports)
 from typer.testing import CliRunner
 
-from snnbench.cli import CONF_DIR, app
+from snnbench.cli import CONF_DIR, app, options
+from snnbench.pipeline import validate
 from snnbench.train import cached
 
 
@@ -80,6 +82,16 @@ def test_digits_methods_preset_sweeps_the_three_methods():
     cfg = compose_with_hydra("experiment=digits_methods")
     assert cfg.hydra.sweeper.params.method == "baseline,termapping,augmapping"
     assert cfg.dataset.name == "digits" and cfg.sim.T == 16
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_preset_composes_and_validates_for_each_swept_method(preset):
+    methods = compose_with_hydra(f"experiment={preset}").hydra.sweeper.params.method.split(",")
+    assert len(methods) >= 2
+    for method in methods:
+        cfg = compose_with_hydra(f"experiment={preset}", f"method={method}")
+        assert cfg.method.name == method
+        validate(cfg)
 
 
 def test_slurm_launcher_config_composes():
