@@ -187,10 +187,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     ann = apply_maxpool_policy(ann, cfg.convert.maxpool)
     # split=train (training images, unaugmented) lets knobs be chosen without looking at the test set
     evaluated = splits.test if cfg.sim.split == "test" else splits.calibration
-    test_batches = loader(evaluated, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,
+    eval_batches = loader(evaluated, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,
                           seed=cfg.seed, limit=cfg.sim.num_samples)
-    ann_accuracy = evaluate(ann, test_batches, device)
-    log.info("ANN accuracy %.2f %% on %d %s images", 100 * ann_accuracy, len(test_batches.dataset), cfg.sim.split)
+    ann_accuracy = evaluate(ann, eval_batches, device)
+    log.info("ANN accuracy %.2f %% on %d %s images", 100 * ann_accuracy, len(eval_batches.dataset), cfg.sim.split)
     times["time_train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -212,8 +212,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("simulating %s for T=%d (%s coding, %d steps per chunk)", cfg.method.name, cfg.sim.T,
              cfg.sim.coding, chunk)
     with progress_bar() as bar:
-        task = bar.add_task("simulating", total=len(test_batches.dataset), status=f"T={cfg.sim.T}")
-        result = simulate(snn, test_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
+        task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
+        result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
                           progress=lambda k: bar.update(task, advance=k))
     times["time_simulate_s"] = time.perf_counter() - clock
 
