@@ -148,12 +148,19 @@ def build_splits(cfg, cache_dir="outputs/cache") -> DataSplits:
     return load_torchvision_splits(cfg, cache_dir)
 
 
+def seeded_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """`size` items drawn at random (the same ones for the same seed), in random order; all if size is None."""
+    if size is None or size >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:size].tolist())
+
+
 def loader(dataset: Dataset, batch_size: int, *, shuffle=False, seed=0, limit=None, num_workers=0):
     """A DataLoader; `limit` keeps a seeded random subset (shuffled) or the first `limit` items."""
     if limit is not None and limit < len(dataset):
         if shuffle:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-            dataset = Subset(dataset, order[:limit].tolist())
+            dataset = seeded_subset(dataset, limit, seed)
             shuffle = False
         else:
             dataset = Subset(dataset, range(limit))

@@ -10,12 +10,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Subset
 
 from snnbench import methods
 from snnbench.calibrate import Calibration, calibrate
 from snnbench.convert import apply_maxpool_policy, check_maxpool_policy, count_macs, fan_out, fold_batchnorm
-from snnbench.data import build_splits, loader
+from snnbench.data import build_splits, loader, seeded_subset
 from snnbench.errors import UserError
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
@@ -103,10 +102,8 @@ def prepare_ann(cfg, splits, device):
         log.info("training ANN %s on %s for %d epochs (cache entry %s)", cfg.model.name, cfg.dataset.name,
                  cfg.train.epochs, path.name)
         torch.manual_seed(cfg.seed)
-        train_set = splits.train
-        if cfg.train.num_samples is not None and cfg.train.num_samples < len(train_set):
-            chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
-            train_set = Subset(train_set, chosen[:cfg.train.num_samples].tolist())
+        # reshuffled every epoch, unlike loader's `limit`, which fixes one order
+        train_set = seeded_subset(splits.train, cfg.train.num_samples, cfg.seed)
         train_batches = loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
                                num_workers=cfg.train.num_workers)
         test_batches = loader(splits.test, 256, num_workers=cfg.train.num_workers)
