@@ -31,6 +31,7 @@ class IFNeuron(nn.Module):
         self.c_max = c_max
         self.neg_threshold = neg_threshold
         self.require_positive_net = require_positive_net
+        self.register_buffer("bias", None)  # optional current per channel, added every step (TTRBR)
         self.steps = 1
         self.reset(batch=0, total_steps=0)
 
@@ -61,6 +62,8 @@ class IFNeuron(nn.Module):
         constant = steps > 1 and x.shape[0] == batch
         currents = x if constant else x.view(steps, batch, *x.shape[1:])
         theta = self._theta(x.dim() - 1)
+        if self.bias is not None:
+            currents = currents + self.bias.view(-1, *([1] * (x.dim() - 2)))
         if self.v is None:
             self.v = (self.v0 * theta).expand(batch, *x.shape[1:]).clone()
             negative = self.neg_threshold is not None

@@ -93,3 +93,21 @@ def test_tuning_lowers_every_layers_measured_error(per_channel):
     # layer by layer the greedy choice wins on average over the network
     mean = {k: sum(d["error_rms"] for d in net.diagnostics.values()) for k, net in (("t", tuned), ("f", fixed))}
     assert mean["t"] < mean["f"]
+
+
+def test_mean_correction_cancels_each_channels_mean_rate_error():
+    model, x, T = fold_batchnorm(tiny_resnet()), images(32), 8
+    calibration = calibrate(model, [x], 99.9, True, "cpu")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "method=ttrbr", "method.restructure=none", f"sim.T={T}", "method.correct_mean=true"])
+    snn = ttrbr.convert(model, calibration, cfg, [x])
+    # oracle: the converted network run step by step; the first layer's rate against the ANN, per channel
+    name, outputs = "relu", []
+    hook = snn.get_submodule(name).register_forward_hook(lambda m, args, out: outputs.append(out.clone()))
+    simulate(snn, [(x, torch.zeros(len(x), dtype=torch.long))], T, chunk=1)
+    hook.remove()
+    error = sum(outputs) / T - record_activations(model, [name], x)[name]
+    corrected = error.transpose(0, 1).flatten(1).mean(1).abs().mean().item()
+    assert snn.get_submodule(name).bias.shape == (error.shape[1],)
+    assert corrected < 0.3 * snn.diagnostics[name]["mean_error"]

@@ -8,6 +8,10 @@ between the T-step rate and the ANN activation, for the whole layer or per chann
 deviation error caused by the real, time-varying input is part of what is measured, and the whole tuning costs
 one simulation of the calibration images plus the candidates' neuron updates.
 
+With `correct_mean` (an addition to METHODS.md's rule, after Li et al. 2021's bias correction) the hook then gives
+the layer a bias current per channel that cancels the mean of the remaining rate error, so the layers above
+see rates without the systematic part of the error below them.
+
 Per layer the diagnostics (layers.csv) give the RMS over calibration neurons of the error against the ANN, and
 of its parts for the mean current I over the T steps: quantization Q(I) - clip(I, 0, threshold), with Q the rate
 of a constant input, and deviation r - Q(I), with r the actual rate.
@@ -35,13 +39,14 @@ def convert(ann, calibration, cfg, batches):
     snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0)
     images = torch.cat(batches)[:knobs.tune_images]
     scales = list(knobs.scales) if knobs.tune else [1.0]
-    snn.diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel)
+    snn.diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel,
+                           knobs.correct_mean)
     snn.calibration, snn.fan = calibration, fan_out(model)  # the report counts on the rewritten ANN
     return snn
 
 
 @torch.inference_mode()
-def tune(snn, ann, images, scales, T, per_channel) -> dict[str, dict]:
+def tune(snn, ann, images, scales, T, per_channel, correct_mean=False) -> dict[str, dict]:
     """Tune every spiking layer of `snn` in one T-step simulation of `images`; return per-layer diagnostics."""
     names = relu_names(ann)
     targets = record_activations(ann, names, images)
@@ -54,6 +59,8 @@ def tune(snn, ann, images, scales, T, per_channel) -> dict[str, dict]:
             else:
                 currents = currents.view(T, len(images), *currents.shape[1:])
             diagnostics[name] = choose_threshold(neuron, currents, targets[name], scales, per_channel)
+            if correct_mean:
+                diagnostics[name]["mean_error"] = cancel_mean_error(neuron, currents, targets[name])
         hooks.append(snn.get_submodule(name).register_forward_pre_hook(tune_before_firing))
     try:
         simulate(snn, [(images, torch.zeros(len(images), dtype=torch.long))], T, chunk=T, device=images.device)
@@ -76,6 +83,22 @@ def choose_threshold(neuron, currents, target, scales, per_channel) -> dict:
     neuron.threshold = base * (scale if per_channel else scale[0])
     return {"percentile_threshold": base.mean().item(), "threshold_scale": scale.mean().item(),
             **{kind: chosen[:, k].mean().sqrt().item() for k, kind in enumerate(ERRORS)}}
+
+
+def cancel_mean_error(neuron, currents, target, rounds=3) -> float:
+    """Give `neuron` a bias current per channel that cancels the mean error of its rate against the ANN on
+    `currents`. Only neurons between silence and saturation follow a shift of their current, so the shift is
+    measured and repeated `rounds` times. Returns the mean absolute error per channel before the correction."""
+    T, batch = currents.shape[:2]
+    channel = (-1, *[1] * (currents.dim() - 3))
+    bias, errors = torch.zeros(currents.shape[2]), []
+    for _ in range(rounds):
+        shifted = (currents + bias.view(channel)).flatten(0, 1)
+        error = _rate(neuron.threshold, neuron.v0, shifted, T, batch) - target
+        errors.append(_channel_sums(error) / (target.numel() / target.shape[1]))
+        bias -= errors[-1]
+    neuron.bias = bias
+    return errors[0].abs().mean().item()
 
 
 def _rate(threshold, v0, currents, T, batch) -> torch.Tensor:
