@@ -38,13 +38,15 @@ from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
 from snnbench.pipeline import calibrate_stage, calibration_images, prepare_ann, resolve_device, validate
 from snnbench.report import console, write_csv
-from snnbench.simulate import activation_elements, choose_chunk, simulate, simulate_step_by_step
+from snnbench.simulate import activation_elements, choose_chunk, memory_format, placed, simulate, simulate_step_by_step
 
 log = logging.getLogger("snnbench")
 
 ENGINES = ("snnbench", "reference", "ann_floor", "spikingjelly")
 COLUMNS = ["engine", "model", "T", "batch_size", "device", "image_steps_per_s", "peak_mem_mb", "accuracy",
            "ratio_to_floor"]
+
+LAYOUT_NAMES = {torch.channels_last: "channels-last", torch.contiguous_format: "standard layout"}
 
 
 class Unsupported(Exception):
@@ -61,9 +63,14 @@ class Workload:
     calibration: list   # training-split images, for SpikingJelly's own threshold calibration
     T: int
     chunk: int
+    channels_last: bool  # the feature maps' layout, for snnbench, the reference and the floor alike
     coding: str
     device: str
     seed: int
+
+    @property
+    def layout(self) -> torch.memory_format:  # a memory_format does not pickle: the workload keeps the flag
+        return memory_format(self.channels_last, self.device)
 
 
 def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
@@ -90,7 +97,9 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     batches = list(loader(splits.test, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
-    work = Workload(ann, folded, snn, batches, images, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed)
+    layout = memory_format(cfg.sim.channels_last, device)
+    work = Workload(ann, folded, snn, batches, images, cfg.sim.T, chunk, layout == torch.channels_last,
+                    cfg.sim.coding, device, cfg.seed)
     num_images = sum(len(labels) for _, labels in batches)
     log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d steps per chunk, device %s, %d threads",
              cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, chunk,
@@ -100,7 +109,7 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
         torch.save(work, path)
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
-    show_bench(frame, results, cfg, chunk, num_images)
+    show_bench(frame, results, cfg, f"chunk {chunk}, {LAYOUT_NAMES[layout]}", num_images)
     if out is not None:
         write_csv(out, frame)
         log.info("bench: wrote %s", out)
@@ -179,13 +188,13 @@ def _tabulate(results: dict, cfg, device: str, num_images: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def show_bench(frame: pd.DataFrame, results: dict, cfg, chunk: int, num_images: int):
+def show_bench(frame: pd.DataFrame, results: dict, cfg, setting: str, num_images: int):
     """The rich table: speeds, ratios side by side, memory, accuracy; and whether snnbench and the reference
     agree at every t."""
     peer = frame.set_index("engine").image_steps_per_s.get("spikingjelly")
     table = Table(title=f"{cfg.model.name} on {cfg.dataset.name} ({cfg.method.name}): T={cfg.sim.T}, batch "
                         f"{cfg.sim.batch_size}, {num_images} images, {frame.device.iloc[0]}, "
-                        f"{torch.get_num_threads()} threads, chunk {chunk}, median of {cfg.bench.repeats}")
+                        f"{torch.get_num_threads()} threads, {setting}, median of {cfg.bench.repeats}")
     for column in ("engine", "image-steps/s", "time ÷ floor", "speed ÷ SJ", "peak MB", "accuracy %", "note"):
         table.add_column(column, justify="left" if column in ("engine", "note") else "right")
 
@@ -272,26 +281,28 @@ def _peak_rss() -> int:
 
 def _snnbench(work: Workload) -> dict:
     def run():
-        result = simulate(work.snn, work.batches, work.T, work.chunk, work.coding, work.device, work.seed)
+        result = simulate(work.snn, work.batches, work.T, work.chunk, work.coding, work.device, work.seed,
+                          layout=work.layout)
         return result.correct.tolist()
     return {f"chunk {work.chunk}": run}
 
 
 def _reference(work: Workload) -> dict:
     def run():
-        result = simulate_step_by_step(work.snn, work.batches, work.T, work.coding, work.device, work.seed)
+        result = simulate_step_by_step(work.snn, work.batches, work.T, work.coding, work.device, work.seed,
+                                       work.layout)
         return result.correct.tolist()
     return {"chunk 1": run}
 
 
 def _ann_floor(work: Workload) -> dict:
-    model = work.folded.eval().to(work.device)
+    model = work.folded.eval().to(work.device, memory_format=work.layout)
 
     @torch.inference_mode()
     def run():
         correct = 0
         for images, labels in work.batches:
-            images = images.to(work.device)
+            images = placed(images, work.device, work.layout)
             for _ in range(work.T):
                 logits = model(images)
             correct += (logits.argmax(1).cpu() == labels).sum().item()

@@ -64,20 +64,24 @@ class IFNeuron(nn.Module):
         theta = self._theta(x.dim() - 1)
         if self.bias is not None:
             currents = currents + self.bias.view(-1, *([1] * (x.dim() - 2)))
+        layout = _layout(x)
         if self.v is None:
-            self.v = (self.v0 * theta).expand(batch, *x.shape[1:]).clone()
+            self.v = (self.v0 * theta).expand(batch, *x.shape[1:]).clone(memory_format=layout)
             negative = self.neg_threshold is not None
             self.net = torch.zeros_like(self.v) if negative else None
             # this step's coefficients and negative events: reused by every step (no allocation, stays in cache)
             self.scratch = torch.empty_like(self.v), (torch.empty_like(self.v) if negative else None)
         c, undo = self.scratch
+        # the per-image sums read c in memory order, whatever the layout
+        per_image = (c.permute(0, 2, 3, 1) if layout == torch.channels_last else c).reshape(batch, -1)
         # written in place: the emitted values (returned) and, per step and image, the spike units and events
-        out = torch.empty((steps, batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        out = torch.empty((steps * batch, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=layout)
+        out = out.view(steps, batch, *x.shape[1:])
         counts = torch.empty((2, steps, batch), dtype=x.dtype, device=x.device)
         for step in range(steps):
             self.v.add_(currents if constant else currents[step])
             self._fire(theta, c, out[step], undo)
-            self._count(c.view(batch, -1), counts[:, step])
+            self._count(per_image, counts[:, step])
         units, events = counts.double().sum(2).cpu()
         self.units[self.t:self.t + steps] += units
         self.events[self.t:self.t + steps] += events
@@ -117,3 +121,10 @@ class IFNeuron(nn.Module):
             counts[1] = counts[0]
         else:
             torch.sum(magnitude.clamp_(max=1), 1, out=counts[1])
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of `x`: the neuron keeps its state and output in the layout the layers give it."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

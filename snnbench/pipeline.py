@@ -18,7 +18,7 @@ from snnbench.data import build_splits, loader, seeded_subset
 from snnbench.errors import UserError
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
-from snnbench.simulate import activation_elements, choose_chunk, simulate
+from snnbench.simulate import activation_elements, choose_chunk, memory_format, simulate
 from snnbench.train import cached, config_hash, evaluate, progress_bar, sha256_of, train
 
 log = logging.getLogger("snnbench")
@@ -48,6 +48,7 @@ def validate(cfg: DictConfig):
         raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
     choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
                "sim.split": (cfg.sim.split, ("test", "train")),
+               "sim.channels_last": (cfg.sim.channels_last, ("auto", True, False)),
                "device": (cfg.device, ("auto", "cpu", "cuda")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
                "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
@@ -206,12 +207,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     clock = time.perf_counter()
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
+    layout = memory_format(cfg.sim.channels_last, device)
     log.info("simulating %s for T=%d (%s coding, %d steps per chunk)", cfg.method.name, cfg.sim.T,
              cfg.sim.coding, chunk)
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
         result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
-                          progress=lambda k: bar.update(task, advance=k))
+                          progress=lambda k: bar.update(task, advance=k), layout=layout)
     times["time_simulate_s"] = time.perf_counter() - clock
 
     accuracy, layers = tabulate(cfg, result, calibration, snn, fan, macs)
@@ -222,7 +224,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "num_test_images": result.num_images, "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
-        "chunk": chunk, "macs_per_image": macs_per_image,
+        "chunk": chunk, "channels_last": layout == torch.channels_last, "macs_per_image": macs_per_image,
         "events_per_image": float(accuracy.events_per_image.iloc[-1]),
         "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
         "sops_per_image": float(sops),

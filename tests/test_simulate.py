@@ -32,6 +32,17 @@ def test_one_simulation_equals_step_by_step_reference(knobs, coding):
             torch.testing.assert_close(folded.units[name], reference.units[name])
 
 
+@pytest.mark.parametrize("coding", ["direct", "poisson"])
+def test_channels_last_layout_gives_the_reference_results(coding):
+    data, T = batches(), 9
+    reference = simulate_step_by_step(spiking_net(neg_threshold=1.0), data, T, coding=coding, seed=3)
+    nhwc = simulate(spiking_net(neg_threshold=1.0), data, T, 4, coding=coding, seed=3, layout=torch.channels_last)
+    assert torch.equal(nhwc.correct, reference.correct)
+    for name in reference.events:
+        torch.testing.assert_close(nhwc.events[name], reference.events[name])
+        torch.testing.assert_close(nhwc.units[name], reference.units[name])
+
+
 def test_accuracy_curve_from_one_run_equals_shorter_runs():
     data = batches()
     full = simulate(spiking_net(), data, 12, chunk=4)
