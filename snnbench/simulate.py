@@ -10,11 +10,11 @@ from torch import nn
 from snnbench.neurons import IFNeuron
 
 # Defaults for sim.chunk=auto (time steps folded into one batch) and sim.channels_last=auto (feature-map layout)
-# on each device, chosen by measurement (docs/performance.md). CPU (2 cores), image-steps/s in channels-last for
-# chunk 1, 2, 4, 8: MNIST CNN 4,886 / 5,889 / 5,616 / 5,084; ResNet-20 717 / 762 / 674 / 567; VGG-11 at chunk 2
-# and 4: 337 / 302. Channels-last (NHWC) beats the standard layout by 18-40 %: oneDNN's convolutions and, above
-# all, average pooling are faster. CUDA: not measured (no GPU here): big chunks keep a GPU busy; standard layout.
-DEFAULT_CHUNK = {"cpu": 2, "cuda": 32}
+# on each device, chosen by `snnbench bench` (docs/performance.md). CPU (2 cores), channels-last, time / dense
+# floor for chunk 1, 2, 4, 8: MNIST CNN (T=64) 1.36, 0.81, 0.66, 0.60; VGG-11 (T=32) at chunk 2, 4, 8: 1.10, 1.10,
+# 1.17. Channels-last (NHWC) made the engine 26-56 % faster than the standard layout (same benches, chunk 4):
+# oneDNN's convolutions and, above all, average pooling are faster. CUDA: not measured (no GPU here): big chunks keep a GPU busy; standard layout.
+DEFAULT_CHUNK = {"cpu": 4, "cuda": 32}
 DEFAULT_CHANNELS_LAST = {"cpu": True, "cuda": False}
 
 
