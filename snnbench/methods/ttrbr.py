@@ -91,7 +91,7 @@ def cancel_mean_error(neuron, currents, target, rounds=3) -> float:
     measured and repeated `rounds` times. Returns the mean absolute error per channel before the correction."""
     T, batch = currents.shape[:2]
     channel = (-1, *[1] * (currents.dim() - 3))
-    bias, errors = torch.zeros(currents.shape[2]), []
+    bias, errors = currents.new_zeros(currents.shape[2]), []
     for _ in range(rounds):
         shifted = (currents + bias.view(channel)).flatten(0, 1)
         error = _rate(neuron.threshold, neuron.v0, shifted, T, batch) - target
