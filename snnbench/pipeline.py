@@ -48,7 +48,6 @@ def validate(cfg: DictConfig):
         raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
     choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
                "sim.split": (cfg.sim.split, ("test", "train")),
-               "sim.channels_last": (cfg.sim.channels_last, ("auto", True, False)),
                "device": (cfg.device, ("auto", "cpu", "cuda")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
                "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
@@ -56,6 +55,8 @@ def validate(cfg: DictConfig):
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.sim.channels_last not in ("auto", True, False):
+        raise UserError(f"sim.channels_last must be auto, true or false, got {cfg.sim.channels_last!r}")
     knobs = cfg.method
     if knobs.get("c_max") is not None:
         positive_int("method.c_max", knobs.c_max)
