@@ -90,20 +90,20 @@ def cancel_mean_error(neuron, currents, target, rounds=3) -> float:
     `currents`. Only neurons between silence and saturation follow a shift of their current, so the shift is
     measured and repeated `rounds` times. Returns the mean absolute error per channel before the correction."""
     T, batch = currents.shape[:2]
-    channel = (-1, *[1] * (currents.dim() - 3))
     bias, errors = currents.new_zeros(currents.shape[2]), []
     for _ in range(rounds):
-        shifted = (currents + bias.view(channel)).flatten(0, 1)
-        error = _rate(neuron.threshold, neuron.v0, shifted, T, batch) - target
+        error = _rate(neuron.threshold, neuron.v0, currents.flatten(0, 1), T, batch, bias) - target
         errors.append(_channel_sums(error) / (target.numel() / target.shape[1]))
         bias -= errors[-1]
     neuron.bias = bias
     return errors[0].abs().mean().item()
 
 
-def _rate(threshold, v0, currents, T, batch) -> torch.Tensor:
-    """T-step rate of the IF neuron: `currents` is [T * batch, ...] or a constant [batch, ...]."""
+def _rate(threshold, v0, currents, T, batch, bias=None) -> torch.Tensor:
+    """T-step rate of the IF neuron (with a bias current per channel, if given): `currents` is [T * batch, ...]
+    or a constant [batch, ...]."""
     neuron = IFNeuron(threshold, v0=v0)
+    neuron.bias = bias
     neuron.reset(batch, T)
     neuron.steps = T
     output = neuron(currents)
