@@ -36,7 +36,7 @@ def convert(ann, calibration, cfg, batches):
         # new neurons, or percentiles per channel: calibrate the rewritten network the same way
         calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel,
                                 next(model.parameters()).device, cfg.seed)
-    snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0)
+    snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0, neg_threshold=knobs.neg_threshold)
     images = torch.cat(batches)[:knobs.tune_images]
     scales = list(knobs.scales) if knobs.tune else [1.0]
     snn.diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel,
@@ -74,7 +74,7 @@ def choose_threshold(neuron, currents, target, scales, per_channel) -> dict:
     """Set `neuron`'s threshold to the candidate with the least squared error on `currents` [T, batch, ...]
     against the ANN activation `target`; return the chosen threshold's diagnostics."""
     base = neuron.threshold
-    errors = torch.stack([_squared_errors(currents, target, base * s, neuron.v0) for s in scales])
+    errors = torch.stack([_squared_errors(neuron, currents, target, base * s) for s in scales])
     errors /= target.numel() / target.shape[1]  # [candidate, error kind, channel]: mean per neuron
     channels = torch.arange(errors.shape[2])
     best = errors[:, 0].argmin(0) if per_channel else errors[:, 0].mean(1).argmin().expand(len(channels))
@@ -92,17 +92,18 @@ def cancel_mean_error(neuron, currents, target, rounds=3) -> float:
     T, batch = currents.shape[:2]
     bias, errors = currents.new_zeros(currents.shape[2]), []
     for _ in range(rounds):
-        error = _rate(neuron.threshold, neuron.v0, currents.flatten(0, 1), T, batch, bias) - target
+        error = _rate(neuron, neuron.threshold, currents.flatten(0, 1), T, batch, bias) - target
         errors.append(_channel_sums(error) / (target.numel() / target.shape[1]))
         bias -= errors[-1]
     neuron.bias = bias
     return errors[0].abs().mean().item()
 
 
-def _rate(threshold, v0, currents, T, batch, bias=None) -> torch.Tensor:
-    """T-step rate of the IF neuron (with a bias current per channel, if given): `currents` is [T * batch, ...]
-    or a constant [batch, ...]."""
-    neuron = IFNeuron(threshold, v0=v0)
+def _rate(like, threshold, currents, T, batch, bias=None) -> torch.Tensor:
+    """T-step rate of a neuron of the same kind as `like` with `threshold` (and a bias current per channel, if
+    given): `currents` is [T * batch, ...] or a constant [batch, ...]."""
+    neuron = IFNeuron(threshold, v0=like.v0, c_max=like.c_max, neg_threshold=like.neg_threshold,
+                      require_positive_net=like.require_positive_net)
     neuron.bias = bias
     neuron.reset(batch, T)
     neuron.steps = T
@@ -114,12 +115,12 @@ def _channel_sums(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], -1).sum(1)
 
 
-def _squared_errors(currents, target, threshold, v0) -> torch.Tensor:
+def _squared_errors(neuron, currents, target, threshold) -> torch.Tensor:
     """Per channel, summed over images and positions: squared error against the ANN, quantization, deviation."""
     T, batch = currents.shape[:2]
-    rate = _rate(threshold, v0, currents.flatten(0, 1), T, batch)
+    rate = _rate(neuron, threshold, currents.flatten(0, 1), T, batch)
     mean_current = currents.mean(0)
-    constant_rate = _rate(threshold, v0, mean_current, T, batch)
+    constant_rate = _rate(neuron, threshold, mean_current, T, batch)
     theta = threshold.view(-1, *[1] * (target.dim() - 2)) if threshold.dim() else threshold
     clipped = torch.minimum(mean_current.clamp(min=0), theta)
     return torch.stack([_channel_sums((rate - target) ** 2), _channel_sums((constant_rate - clipped) ** 2),
