@@ -44,10 +44,11 @@ def test_restructuring_keeps_the_ann_logits(kind):
         assert all(not hasattr(block, "shortcut") for block in rewritten.layer2)
 
 
-def test_each_threshold_is_the_best_candidate_on_the_currents_from_the_tuned_layers_below():
+@pytest.mark.parametrize("neg_threshold", [None, 1.0])  # binary IF, and with TerMapping's negative spike
+def test_each_threshold_is_the_best_candidate_on_the_currents_from_the_tuned_layers_below(neg_threshold):
     model, x, T, scales = restructure(tiny_resnet(), "shortcut_neuron"), images(), 6, [0.5, 0.8, 1.0, 1.3]
     thresholds = calibrate(model, [x], 99.9, False, "cpu").thresholds
-    snn = spiking_copy(model, thresholds, v0=0.5)
+    snn = spiking_copy(model, thresholds, v0=0.5, neg_threshold=neg_threshold)
     diagnostics = ttrbr.tune(snn, model, x, scales, T, per_channel=False)
     assert len({d["threshold_scale"] for d in diagnostics.values()}) > 1  # the choice is not the same everywhere
     # oracle: the tuned network run step by step; the layer's own neuron, one step per call, on what it receives
@@ -59,7 +60,7 @@ def test_each_threshold_is_the_best_candidate_on_the_currents_from_the_tuned_lay
     target = record_activations(model, [name], x)[name]
 
     def error(scale):
-        neuron = IFNeuron(thresholds[name] * scale, v0=0.5)
+        neuron = IFNeuron(thresholds[name] * scale, v0=0.5, neg_threshold=neg_threshold)
         neuron.reset(len(x), T)
         rate = sum(neuron(current) for current in seen) / T
         return ((rate - target) ** 2).mean().item()
