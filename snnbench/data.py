@@ -148,11 +148,12 @@ def build_splits(cfg, cache_dir="outputs/cache") -> DataSplits:
     return load_torchvision_splits(cfg, cache_dir)
 
 
-def seeded_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
-    """`size` items drawn at random (the same ones for the same seed), in random order; all if size is None."""
-    if size is None or size >= len(dataset):
+def seeded_subset(dataset: Dataset, size: int | None, seed: int, skip: int = 0) -> Dataset:
+    """`size` items drawn at random (the same ones for the same seed), in random order; all if size is None.
+    `skip` passes over the first items of that order: the ones a smaller draw with this seed returned."""
+    if skip == 0 and (size is None or size >= len(dataset)):
         return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[skip:]
     return Subset(dataset, order[:size].tolist())
 
 

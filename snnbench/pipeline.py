@@ -123,8 +123,12 @@ def prepare_ann(cfg, splits, device):
 
 def calibration_images(cfg, splits):
     batches = loader(splits.calibration, cfg.calibrate.batch_size, shuffle=True, seed=cfg.seed,
-                     limit=cfg.calibrate.batch_size * cfg.calibrate.num_batches)
+                     limit=_num_calibration_images(cfg))
     return [images for images, _ in batches]
+
+
+def _num_calibration_images(cfg) -> int:
+    return cfg.calibrate.batch_size * cfg.calibrate.num_batches
 
 
 def calibrate_stage(cfg, folded, ann_sha, images, device) -> Calibration:
@@ -182,10 +186,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times = {}
     clock = time.perf_counter()
     splits = build_splits(cfg.dataset, cfg.cache_dir)
+    # split=train lets knobs be chosen without looking at the test set: on training images (unaugmented) that
+    # the calibration and the tuning never saw, or a knob that fits those images would look better than it is
+    evaluated = splits.test if cfg.sim.split == "test" else \
+        seeded_subset(splits.calibration, None, cfg.seed, skip=_num_calibration_images(cfg))
+    if len(evaluated) == 0:
+        raise UserError(f"sim.split=train evaluates the training images the calibration does not use, and it "
+                        f"uses all {len(splits.calibration)}: lower calibrate.num_batches or calibrate.batch_size")
     ann, checkpoint, checkpoint_sha = prepare_ann(cfg, splits, device)
     ann = apply_maxpool_policy(ann, cfg.convert.maxpool)
-    # split=train (training images, unaugmented) lets knobs be chosen without looking at the test set
-    evaluated = splits.test if cfg.sim.split == "test" else splits.calibration
     eval_batches = loader(evaluated, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,
                           seed=cfg.seed, limit=cfg.sim.num_samples)
     ann_accuracy = evaluate(ann, eval_batches, device)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from snnbench import data
-from snnbench.data import build_splits
+from snnbench.data import build_splits, seeded_subset
 from snnbench.errors import UserError
 
 
@@ -73,4 +73,21 @@ def test_sim_split_train_evaluates_training_images(cfg, tmp_path):
     cfg.train.epochs, cfg.sim.T, cfg.sim.split = 1, 2, "train"
     summary = pipeline.run(cfg, tmp_path)
     splits = build_splits(cfg.dataset)
-    assert summary["split"] == "train" and summary["num_test_images"] == len(splits.calibration) != len(splits.test)
+    calibrated = cfg.calibrate.batch_size * cfg.calibrate.num_batches
+    assert summary["split"] == "train" and summary["num_test_images"] == len(splits.calibration) - calibrated
+
+
+def test_held_out_training_images_are_the_ones_the_calibration_does_not_draw():
+    dataset = list(range(100))
+    calibration = seeded_subset(dataset, 30, seed=3)
+    held_out = seeded_subset(dataset, None, seed=3, skip=30)
+    assert len(held_out) == 70 and sorted([*calibration, *held_out]) == dataset
+
+
+def test_sim_split_train_refuses_when_the_calibration_uses_every_training_image(cfg, tmp_path):
+    from snnbench import pipeline
+
+    cfg.sim.split, cfg.calibrate.num_batches = "train", 100
+    with pytest.raises(UserError, match="lower calibrate.num_batches"):
+        pipeline.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # refused before any work
