@@ -131,6 +131,19 @@ def _num_calibration_images(cfg) -> int:
     return cfg.calibrate.batch_size * cfg.calibrate.num_batches
 
 
+def evaluated_images(cfg, splits):
+    """The images the SNN is scored on: the test split, or with split=train (to choose knobs without looking at
+    the test set) the training images, unaugmented, that `calibration_images` did not draw: the calibration and
+    the tuning never saw them, so a knob that fits those images cannot look better than it is."""
+    if cfg.sim.split == "test":
+        return splits.test
+    held_out = seeded_subset(splits.calibration, None, cfg.seed, skip=_num_calibration_images(cfg))
+    if len(held_out) == 0:
+        raise UserError(f"sim.split=train evaluates the training images the calibration does not use, and it "
+                        f"uses all {len(splits.calibration)}: lower calibrate.num_batches or calibrate.batch_size")
+    return held_out
+
+
 def calibrate_stage(cfg, folded, ann_sha, images, device) -> Calibration:
     """Stage 2: percentile thresholds of every ReLU, cached per (ANN, calibration setting)."""
     key = config_hash(ann_sha, _container(cfg.calibrate), cfg.convert.maxpool, cfg.seed)
@@ -186,13 +199,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times = {}
     clock = time.perf_counter()
     splits = build_splits(cfg.dataset, cfg.cache_dir)
-    # split=train lets knobs be chosen without looking at the test set: on training images (unaugmented) that
-    # the calibration and the tuning never saw, or a knob that fits those images would look better than it is
-    evaluated = splits.test if cfg.sim.split == "test" else \
-        seeded_subset(splits.calibration, None, cfg.seed, skip=_num_calibration_images(cfg))
-    if len(evaluated) == 0:
-        raise UserError(f"sim.split=train evaluates the training images the calibration does not use, and it "
-                        f"uses all {len(splits.calibration)}: lower calibrate.num_batches or calibrate.batch_size")
+    evaluated = evaluated_images(cfg, splits)
     ann, checkpoint, checkpoint_sha = prepare_ann(cfg, splits, device)
     ann = apply_maxpool_policy(ann, cfg.convert.maxpool)
     eval_batches = loader(evaluated, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,

@@ -84,6 +84,17 @@ def test_held_out_training_images_are_the_ones_the_calibration_does_not_draw():
     assert len(held_out) == 70 and sorted([*calibration, *held_out]) == dataset
 
 
+def test_sim_split_train_never_scores_a_calibration_image(cfg):
+    from snnbench import pipeline
+
+    cfg.sim.split = "train"
+    splits = build_splits(cfg.dataset)
+    calibrated = {image.numpy().tobytes() for batch in pipeline.calibration_images(cfg, splits) for image in batch}
+    evaluated = pipeline.evaluated_images(cfg, splits)
+    assert len(calibrated) == cfg.calibrate.batch_size * cfg.calibrate.num_batches  # distinct images
+    assert not any(image.numpy().tobytes() in calibrated for image, _ in evaluated)
+
+
 def test_sim_split_train_refuses_when_the_calibration_uses_every_training_image(cfg, tmp_path):
     from snnbench import pipeline
 
