@@ -17,7 +17,7 @@ class IFNeuron(nn.Module):
     def __init__(
         self,
         threshold: torch.Tensor,
-        v0: float = 0.0,
+        v0: float | torch.Tensor = 0.0,
         c_max: int | None = 1,
         neg_threshold: float | None = None,
         require_positive_net: bool = True,
@@ -27,7 +27,7 @@ class IFNeuron(nn.Module):
         if not bool((threshold > 0).all()):
             raise ValueError("neuron thresholds must be positive")
         self.register_buffer("threshold", threshold)
-        self.v0 = v0
+        self.register_buffer("v0", torch.as_tensor(v0, dtype=torch.float32))  # in units of the threshold
         self.c_max = c_max
         self.neg_threshold = neg_threshold
         self.require_positive_net = require_positive_net
@@ -46,27 +46,24 @@ class IFNeuron(nn.Module):
         self.units = torch.zeros(total_steps, dtype=torch.float64)
 
     def extra_repr(self):
-        kind = "per-channel" if self.threshold.dim() else f"{self.threshold.item():.4g}"
-        return (f"threshold={kind}, v0={self.v0}, c_max={self.c_max}, neg_threshold={self.neg_threshold}, "
+        def show(value):
+            return "per-channel" if value.dim() else f"{value.item():.4g}"
+        return (f"threshold={show(self.threshold)}, v0={show(self.v0)}, c_max={self.c_max}, "
+                f"neg_threshold={self.neg_threshold}, "
                 f"require_positive_net={self.require_positive_net}")
-
-    def _theta(self, sample_dims: int) -> torch.Tensor:
-        # per-channel thresholds broadcast over the spatial dimensions of conv feature maps
-        if self.threshold.dim() == 0:
-            return self.threshold
-        return self.threshold.view(-1, *([1] * (sample_dims - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps, batch = self.steps, self.batch
         # A batch-sized input in a multi-step chunk is a constant current (direct coding, computed once).
         constant = steps > 1 and x.shape[0] == batch
         currents = x if constant else x.view(steps, batch, *x.shape[1:])
-        theta = self._theta(x.dim() - 1)
+        theta = _per_channel(self.threshold, x.dim() - 1)
         if self.bias is not None:
-            currents = currents + self.bias.view(-1, *([1] * (x.dim() - 2)))
+            currents = currents + _per_channel(self.bias, x.dim() - 1)
         layout = _layout(x)
         if self.v is None:
-            self.v = (self.v0 * theta).expand(batch, *x.shape[1:]).clone(memory_format=layout)
+            v0 = _per_channel(self.v0, x.dim() - 1) * theta
+            self.v = v0.expand(batch, *x.shape[1:]).clone(memory_format=layout)
             negative = self.neg_threshold is not None
             self.net = torch.zeros_like(self.v) if negative else None
             # this step's coefficients and negative events: reused by every step (no allocation, stays in cache)
@@ -121,6 +118,11 @@ class IFNeuron(nn.Module):
             counts[1] = counts[0]
         else:
             torch.sum(magnitude.clamp_(max=1), 1, out=counts[1])
+
+
+def _per_channel(value: torch.Tensor, sample_dims: int) -> torch.Tensor:
+    """A scalar, or per-channel values broadcast over the spatial dimensions of conv feature maps."""
+    return value if value.dim() == 0 else value.view(-1, *([1] * (sample_dims - 1)))
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -18,6 +18,7 @@ from snnbench.data import build_splits, loader, seeded_subset
 from snnbench.errors import UserError
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
+from snnbench.restructure import KINDS as RESTRUCTURINGS
 from snnbench.simulate import activation_elements, choose_chunk, memory_format, simulate
 from snnbench.train import cached, config_hash, evaluate, progress_bar, sha256_of, train
 
@@ -26,11 +27,11 @@ log = logging.getLogger("snnbench")
 
 def validate(cfg: DictConfig):
     """Reject impossible values before any work starts, naming the key and the fix."""
-    def positive_int(key, value, allow_none=False):
+    def positive_int(key, value, allow_none=False, example=32):
         if value is None and allow_none:
             return
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UserError(f"{key} must be a positive integer, got {value!r}: set e.g. {key}=32")
+            raise UserError(f"{key} must be a positive integer, got {value!r}: set e.g. {key}={example}")
 
     positive_int("sim.T", cfg.sim.T)
     positive_int("sim.batch_size", cfg.sim.batch_size)
@@ -58,8 +59,11 @@ def validate(cfg: DictConfig):
     if cfg.sim.channels_last not in ("auto", True, False):
         raise UserError(f"sim.channels_last must be auto, true or false, got {cfg.sim.channels_last!r}")
     knobs = cfg.method
-    if knobs.get("c_max") is not None:
-        positive_int("method.c_max", knobs.c_max)
+    for key, example in (("c_max", 4), ("copies", 2)):
+        if knobs.get(key) is not None:
+            positive_int(f"method.{key}", knobs[key], example=example)
+    if knobs.get("restructure") is not None and knobs.restructure not in RESTRUCTURINGS:
+        raise UserError(f"method.restructure must be one of {', '.join(RESTRUCTURINGS)}, got {knobs.restructure!r}")
     for key in ("threshold_scale", "neg_threshold"):
         value = knobs.get(key)
         if value is not None and (not isinstance(value, int | float) or value <= 0):

@@ -11,7 +11,7 @@ from snnbench.convert import fold_batchnorm, relu_names
 from snnbench.methods import spiking_copy, ttrbr
 from snnbench.models.resnet import ResNet
 from snnbench.neurons import IFNeuron
-from snnbench.restructure import KINDS, restructure
+from snnbench.restructure import KINDS, SplitReLU, restructure
 from snnbench.simulate import simulate
 
 
@@ -38,10 +38,35 @@ def test_restructuring_keeps_the_ann_logits(kind):
     rewritten = restructure(model, kind)
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), model(x), atol=1e-4, rtol=1e-4)
-    added = {"none": 0, "shortcut_neuron": 3, "merged": 0}[kind]  # one shortcut neuron per block
+    added = {"none": 0, "shortcut_neuron": 3, "merged": 0, "split": 0}[kind]  # one shortcut neuron per block
     assert len(relu_names(rewritten)) == len(relu_names(model)) + added
     if kind == "merged":  # the shortcut really goes through relu1: no addition is left in the blocks
         assert all(not hasattr(block, "shortcut") for block in rewritten.layer2)
+
+
+@pytest.mark.parametrize("copies", [1, 2, 4])
+def test_split_neurons_round_their_input_sum_to_a_kth_of_the_threshold(copies):
+    theta, T = 2.0, 8
+    currents = torch.linspace(-0.4, 2.4, 57)  # never a tie between two rounding levels
+    split = SplitReLU(channels=57, copies=copies)
+    split.relu = IFNeuron(torch.full((57 * copies,), theta / copies), v0=split.phases(0.5))
+    split.relu.reset(batch=1, total_steps=T)
+    split.relu.steps = T
+    emitted = split(currents.expand(T, -1)).sum(0)
+    levels = torch.floor(copies * T * currents / theta + 0.5).clamp(0, copies * T)
+    torch.testing.assert_close(emitted, theta / copies * levels)
+
+
+def test_ttrbr_split_staggers_the_copies_of_every_post_addition_neuron():
+    model, x = fold_batchnorm(tiny_resnet()), images(32)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "method=ttrbr", "method.restructure=split", "method.copies=2", "sim.T=8"])
+    snn = ttrbr.convert(model, calibrate(model, [x], 99.9, True, "cpu"), cfg, [x])
+    neuron = snn.layer2[0].relu2.relu
+    channels = snn.layer2[0].conv2.out_channels
+    assert neuron.v0.tolist() == [0.25] * channels + [0.75] * channels
+    assert len(snn.diagnostics) == len(relu_names(model))
 
 
 @pytest.mark.parametrize("neg_threshold", [None, 1.0])  # binary IF, and with TerMapping's negative spike

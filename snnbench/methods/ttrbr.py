@@ -23,7 +23,7 @@ from snnbench.calibrate import calibrate, record_activations
 from snnbench.convert import fan_out, relu_names
 from snnbench.methods import spiking_copy
 from snnbench.neurons import IFNeuron
-from snnbench.restructure import restructure
+from snnbench.restructure import SplitReLU, restructure
 from snnbench.simulate import simulate
 
 ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
@@ -31,12 +31,14 @@ ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
 
 def convert(ann, calibration, cfg, batches):
     knobs = cfg.method
-    model = restructure(ann, knobs.restructure)
+    model = restructure(ann, knobs.restructure, knobs.copies)
     if knobs.restructure != "none" or knobs.per_channel != calibration.per_channel:
         # new neurons, or percentiles per channel: calibrate the rewritten network the same way
         calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel,
                                 next(model.parameters()).device, cfg.seed)
     snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0, neg_threshold=knobs.neg_threshold)
+    for split in (module for module in snn.modules() if isinstance(module, SplitReLU)):
+        split.relu.v0 = split.phases(knobs.v0).to(split.relu.threshold.device)
     images = torch.cat(batches)[:knobs.tune_images]
     scales = list(knobs.scales) if knobs.tune else [1.0]
     snn.diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel,
