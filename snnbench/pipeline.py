@@ -53,6 +53,8 @@ def validate(cfg: DictConfig):
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
                "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
                "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw"))}
+    if "restructure" in cfg.method:
+        choices["method.restructure"] = (cfg.method.restructure, RESTRUCTURINGS)
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -62,8 +64,6 @@ def validate(cfg: DictConfig):
     for key, example in (("c_max", 4), ("copies", 2)):
         if knobs.get(key) is not None:
             positive_int(f"method.{key}", knobs[key], example=example)
-    if knobs.get("restructure") is not None and knobs.restructure not in RESTRUCTURINGS:
-        raise UserError(f"method.restructure must be one of {', '.join(RESTRUCTURINGS)}, got {knobs.restructure!r}")
     for key in ("threshold_scale", "neg_threshold"):
         value = knobs.get(key)
         if value is not None and (not isinstance(value, int | float) or value <= 0):
