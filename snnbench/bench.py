@@ -90,7 +90,7 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     splits = build_splits(cfg.dataset, cfg.cache_dir)
     ann, _, checkpoint_sha = prepare_ann(cfg, splits, device)
     ann = apply_maxpool_policy(ann.cpu(), cfg.convert.maxpool)
-    folded = fold_batchnorm(ann)
+    folded = fold_batchnorm(ann).to(device)  # calibration and conversion run on the device, as in `run`
     images = calibration_images(cfg, splits)
     calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
     snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images).cpu()
@@ -98,7 +98,7 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
     layout = memory_format(cfg.sim.channels_last, device)
-    work = Workload(ann, folded, snn, batches, images, cfg.sim.T, chunk, layout == torch.channels_last,
+    work = Workload(ann, folded.cpu(), snn, batches, images, cfg.sim.T, chunk, layout == torch.channels_last,
                     cfg.sim.coding, device, cfg.seed)
     num_images = sum(len(labels) for _, labels in batches)
     log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d steps per chunk, device %s, %d threads",

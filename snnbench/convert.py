@@ -91,6 +91,10 @@ def fan_out(model: nn.Module) -> dict[str, float]:
 
 
 @torch.inference_mode()
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def count_macs(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per image of every conv / linear layer, measured with forward hooks."""
     macs, hooks = {}, []
@@ -105,7 +109,7 @@ def count_macs(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             hooks.append(module.register_forward_hook(hook(name)))
-    model.eval()(sample[:1])
+    model.eval()(sample[:1].to(device_of(model)))
     for h in hooks:
         h.remove()
     return macs

@@ -42,8 +42,11 @@ def validate(cfg: DictConfig):
     positive_int("calibrate.num_batches", cfg.calibrate.num_batches)
     if cfg.sim.chunk != "auto":
         positive_int("sim.chunk", cfg.sim.chunk)
-    if isinstance(cfg.train.epochs, bool) or not isinstance(cfg.train.epochs, int) or cfg.train.epochs < 0:
-        raise UserError(f"train.epochs must be a non-negative integer, got {cfg.train.epochs!r}")
+    for key in ("epochs", "warmup_epochs"):
+        value = cfg.train.get(key)
+        if (value is not None or key == "epochs") and (isinstance(value, bool) or not isinstance(value, int)
+                                                       or value < 0):
+            raise UserError(f"train.{key} must be a non-negative integer, got {value!r}")
     percentile = cfg.calibrate.percentile
     if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
         raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
@@ -213,7 +216,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times["time_train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    folded = fold_batchnorm(ann.cpu())
+    folded = fold_batchnorm(ann.cpu()).to(device)  # calibration, conversion and tuning run on the device
     images = calibration_images(cfg, splits)
     calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
     times["time_calibrate_s"] = time.perf_counter() - clock

@@ -72,9 +72,9 @@ def restructure(model: nn.Module, kind: str, copies: int = 2) -> nn.Module:
     return model
 
 
-def _identity_kernel(out_channels: int, in_channels: int, offset: int) -> torch.Tensor:
+def _identity_kernel(out_channels: int, in_channels: int, offset: int, device) -> torch.Tensor:
     """3x3 kernels mapping input channel k to output channel offset + k through the centre tap."""
-    kernel = torch.zeros(out_channels, in_channels, 3, 3)
+    kernel = torch.zeros(out_channels, in_channels, 3, 3, device=device)
     for k in range(in_channels):
         kernel[offset + k, k, 1, 1] = 1.0
     return kernel
@@ -86,13 +86,15 @@ def _merged(block: BasicBlock) -> nn.Sequential:
     conv1, conv2 = block.conv1, block.conv2
     carried = conv1.in_channels
     pad = block.shortcut.pad_channels if isinstance(block.shortcut, ShortcutA) else 0
-    first = nn.Conv2d(carried, conv1.out_channels + carried, 3, stride=conv1.stride, padding=1)
-    second = nn.Conv2d(conv2.in_channels + carried, conv2.out_channels, 3, padding=1)
+    device = conv1.weight.device
+    first = nn.Conv2d(carried, conv1.out_channels + carried, 3, stride=conv1.stride, padding=1, device=device)
+    second = nn.Conv2d(conv2.in_channels + carried, conv2.out_channels, 3, padding=1, device=device)
     with torch.no_grad():
-        first.weight.copy_(torch.cat([conv1.weight, _identity_kernel(carried, carried, 0)]))
+        first.weight.copy_(torch.cat([conv1.weight, _identity_kernel(carried, carried, 0, device)]))
         first.bias.zero_()
         if conv1.bias is not None:
             first.bias[:conv1.out_channels] = conv1.bias
-        second.weight.copy_(torch.cat([conv2.weight, _identity_kernel(conv2.out_channels, carried, pad)], dim=1))
-        second.bias.copy_(conv2.bias if conv2.bias is not None else torch.zeros(conv2.out_channels))
+        shortcut = _identity_kernel(conv2.out_channels, carried, pad, device)
+        second.weight.copy_(torch.cat([conv2.weight, shortcut], dim=1))
+        second.bias.copy_(conv2.bias if conv2.bias is not None else torch.zeros(conv2.out_channels, device=device))
     return nn.Sequential(OrderedDict(conv1=first, relu1=block.relu1, conv2=second, relu2=block.relu2))

@@ -7,6 +7,7 @@ import psutil
 import torch
 from torch import nn
 
+from snnbench.convert import device_of
 from snnbench.neurons import IFNeuron
 
 # Defaults for sim.chunk=auto (time steps folded into one batch) and sim.channels_last=auto (feature-map layout)
@@ -45,7 +46,7 @@ def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
         neuron.reset(batch=1, total_steps=1)
         neuron.steps = 1
     with torch.inference_mode():
-        model(sample[:1])
+        model(sample[:1].to(device_of(model)))
     for h in hooks:
         h.remove()
     return total[0]

@@ -36,7 +36,8 @@ def evaluate(model: nn.Module, batches, device) -> float:
 
 
 def train(model: nn.Module, train_batches, test_batches, cfg, device, progress_path=None) -> nn.Module:
-    """SGD with momentum and a cosine schedule (or AdamW); stops with a UserError if the loss diverges.
+    """SGD with momentum and a cosine schedule (or AdamW), after `warmup_epochs` of linear warm-up if set;
+    stops with a UserError if the loss diverges.
     With `progress_path`, the state after every epoch is saved there and an interrupted training resumes
     from its last finished epoch, exactly as if it had not stopped."""
     model = model.to(device)
@@ -48,8 +49,14 @@ def train(model: nn.Module, train_batches, test_batches, cfg, device, progress_p
     else:
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     total_steps = max(cfg.epochs * len(train_batches), 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    # a very deep net can stall at chance under the full rate from step 1 (He et al. warm ResNet-110 up)
+    warmup_steps = (cfg.get("warmup_epochs") or 0) * len(train_batches)
+
+    def rate_factor(step):
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return cosine * min(1.0, (step + 1) / warmup_steps) if warmup_steps else cosine
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate_factor)
     parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
     done = _resume(progress_path, parts, train_batches.generator, device) if progress_path else 0
     with progress_bar() as bar:

@@ -53,6 +53,7 @@ CLI_CASES = {
                              "calibrate.percentile must be in (0, 100], got 101: e.g. 99.9, or 100 for max"),
     "negative batch size": (["sim.batch_size=-1"],
                             "sim.batch_size must be a positive integer, got -1: set e.g. sim.batch_size=32"),
+    "negative warm-up": (["train.warmup_epochs=-1"], "train.warmup_epochs must be a non-negative integer, got -1"),
     "zero split copies": (["method=ttrbr", "method.copies=0"],
                           "method.copies must be a positive integer, got 0: set e.g. method.copies=2"),
     "unknown restructuring": (["method=ttrbr", "method.restructure=merge"],

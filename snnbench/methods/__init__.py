@@ -25,8 +25,9 @@ def get(name: str):
 
 def spiking_copy(ann, thresholds: dict, scale: float = 1.0, **neuron_knobs):
     """A copy of `ann` with each ReLU replaced by an IF neuron of threshold scale x thresholds[name]."""
-    from snnbench.convert import replace_modules
+    from snnbench.convert import device_of, replace_modules
     from snnbench.neurons import IFNeuron
 
-    return replace_modules(ann, {name: IFNeuron(threshold * scale, **neuron_knobs)
-                                 for name, threshold in thresholds.items()})
+    snn = replace_modules(ann, {name: IFNeuron(threshold * scale, **neuron_knobs)
+                                for name, threshold in thresholds.items()})
+    return snn.to(device_of(ann))  # the new neurons' buffers join the ANN's device

@@ -20,7 +20,7 @@ of a constant input, and deviation r - Q(I), with r the actual rate.
 import torch
 
 from snnbench.calibrate import calibrate, record_activations
-from snnbench.convert import fan_out, relu_names
+from snnbench.convert import device_of, fan_out, relu_names
 from snnbench.methods import spiking_copy
 from snnbench.neurons import IFNeuron
 from snnbench.restructure import SplitReLU, restructure
@@ -34,12 +34,12 @@ def convert(ann, calibration, cfg, batches):
     model = restructure(ann, knobs.restructure, knobs.copies)
     if knobs.restructure != "none" or knobs.per_channel != calibration.per_channel:
         # new neurons, or percentiles per channel: calibrate the rewritten network the same way
-        calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel,
-                                next(model.parameters()).device, cfg.seed)
+        calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel, device_of(model),
+                                cfg.seed)
     snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0, neg_threshold=knobs.neg_threshold)
     for split in (module for module in snn.modules() if isinstance(module, SplitReLU)):
         split.relu.v0 = split.phases(knobs.v0).to(split.relu.threshold.device)
-    images = torch.cat(batches)[:knobs.tune_images]
+    images = torch.cat(batches)[:knobs.tune_images].to(device_of(model))  # the tuning runs where the model is
     scales = list(knobs.scales) if knobs.tune else [1.0]
     snn.diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel,
                            knobs.correct_mean)
@@ -78,10 +78,10 @@ def choose_threshold(neuron, currents, target, scales, per_channel) -> dict:
     base = neuron.threshold
     errors = torch.stack([_squared_errors(neuron, currents, target, base * s) for s in scales])
     errors /= target.numel() / target.shape[1]  # [candidate, error kind, channel]: mean per neuron
-    channels = torch.arange(errors.shape[2])
+    channels = torch.arange(errors.shape[2], device=errors.device)
     best = errors[:, 0].argmin(0) if per_channel else errors[:, 0].mean(1).argmin().expand(len(channels))
     chosen = errors[best, :, channels]  # [channel, error kind]
-    scale = torch.tensor(scales)[best]
+    scale = torch.tensor(scales, device=errors.device)[best]
     neuron.threshold = base * (scale if per_channel else scale[0])
     return {"percentile_threshold": base.mean().item(), "threshold_scale": scale.mean().item(),
             **{kind: chosen[:, k].mean().sqrt().item() for k, kind in enumerate(ERRORS)}}
