@@ -90,11 +90,11 @@ def fan_out(model: nn.Module) -> dict[str, float]:
     return result
 
 
-@torch.inference_mode()
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@torch.inference_mode()
 def count_macs(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per image of every conv / linear layer, measured with forward hooks."""
     macs, hooks = {}, []
