@@ -42,10 +42,8 @@ def validate(cfg: DictConfig):
     positive_int("calibrate.num_batches", cfg.calibrate.num_batches)
     if cfg.sim.chunk != "auto":
         positive_int("sim.chunk", cfg.sim.chunk)
-    for key in ("epochs", "warmup_epochs"):
-        value = cfg.train.get(key)
-        if (value is not None or key == "epochs") and (isinstance(value, bool) or not isinstance(value, int)
-                                                       or value < 0):
+    for key, value in (("epochs", cfg.train.epochs), ("warmup_epochs", cfg.train.get("warmup_epochs") or 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"train.{key} must be a non-negative integer, got {value!r}")
     percentile = cfg.calibrate.percentile
     if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
