@@ -38,7 +38,16 @@ from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
 from snnbench.pipeline import calibrate_stage, calibration_images, prepare_ann, resolve_device, validate
 from snnbench.report import console, write_csv
-from snnbench.simulate import activation_elements, choose_chunk, memory_format, placed, simulate, simulate_step_by_step
+from snnbench.simulate import (
+    activation_elements,
+    choose_chunk,
+    integer_conv_enabled,
+    memory_format,
+    placed,
+    reuse_freed_memory,
+    simulate,
+    simulate_step_by_step,
+)
 
 log = logging.getLogger("snnbench")
 
@@ -64,6 +73,7 @@ class Workload:
     T: int
     chunk: int
     channels_last: bool  # the feature maps' layout, for snnbench, the reference and the floor alike
+    integer_conv: bool   # spike-fed convs in integers, for snnbench and the reference (the ANN's inputs are reals)
     coding: str
     device: str
     seed: int
@@ -98,8 +108,9 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
     layout = memory_format(cfg.sim.channels_last, device)
+    integer_conv = integer_conv_enabled(cfg.sim.integer_conv, device)
     work = Workload(ann, folded.cpu(), snn, batches, images, cfg.sim.T, chunk, layout == torch.channels_last,
-                    cfg.sim.coding, device, cfg.seed)
+                    integer_conv, cfg.sim.coding, device, cfg.seed)
     num_images = sum(len(labels) for _, labels in batches)
     log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d steps per chunk, device %s, %d threads",
              cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, chunk,
@@ -109,7 +120,8 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
         torch.save(work, path)
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
-    show_bench(frame, results, cfg, f"chunk {chunk}, {LAYOUT_NAMES[layout]}", num_images)
+    setting = f"chunk {chunk}, {LAYOUT_NAMES[layout]}{', integer convolutions' if integer_conv else ''}"
+    show_bench(frame, results, cfg, setting, num_images)
     if out is not None:
         write_csv(out, frame)
         log.info("bench: wrote %s", out)
@@ -225,6 +237,7 @@ def worker():
     """An engine's own process: `python -c '...worker()' ENGINE WORKLOAD`. It says which modes it can run (or why
     none), then runs the mode named on each line of its standard input and replies with one JSON line."""
     engine, workload = sys.argv[1:3]
+    reuse_freed_memory()  # as in `snnbench` itself; every engine's process alike
     channel = os.fdopen(os.dup(1), "w")  # the replies; whatever the libraries print goes to the log instead
     os.dup2(2, 1)
 
@@ -282,7 +295,7 @@ def _peak_rss() -> int:
 def _snnbench(work: Workload) -> dict:
     def run():
         result = simulate(work.snn, work.batches, work.T, work.chunk, work.coding, work.device, work.seed,
-                          layout=work.layout)
+                          layout=work.layout, integer_conv=work.integer_conv)
         return result.correct.tolist()
     return {f"chunk {work.chunk}": run}
 
@@ -290,7 +303,7 @@ def _snnbench(work: Workload) -> dict:
 def _reference(work: Workload) -> dict:
     def run():
         result = simulate_step_by_step(work.snn, work.batches, work.T, work.coding, work.device, work.seed,
-                                       work.layout)
+                                       work.layout, work.integer_conv)
         return result.correct.tolist()
     return {"chunk 1": run}
 

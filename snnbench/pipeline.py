@@ -19,7 +19,14 @@ from snnbench.errors import UserError
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
 from snnbench.restructure import KINDS as RESTRUCTURINGS
-from snnbench.simulate import activation_elements, choose_chunk, memory_format, simulate
+from snnbench.simulate import (
+    activation_elements,
+    choose_chunk,
+    integer_conv_enabled,
+    memory_format,
+    reuse_freed_memory,
+    simulate,
+)
 from snnbench.train import cached, config_hash, evaluate, progress_bar, sha256_of, train
 
 log = logging.getLogger("snnbench")
@@ -59,8 +66,9 @@ def validate(cfg: DictConfig):
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    if cfg.sim.channels_last not in ("auto", True, False):
-        raise UserError(f"sim.channels_last must be auto, true or false, got {cfg.sim.channels_last!r}")
+    for key in ("channels_last", "integer_conv"):
+        if cfg.sim[key] not in ("auto", True, False):
+            raise UserError(f"sim.{key} must be auto, true or false, got {cfg.sim[key]!r}")
     knobs = cfg.method
     for key, example in (("c_max", 4), ("copies", 2)):
         if knobs.get(key) is not None:
@@ -199,6 +207,7 @@ def tabulate(cfg, result, calibration, snn, fan, macs) -> tuple[pd.DataFrame, pd
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
+    reuse_freed_memory()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     times = {}
@@ -230,12 +239,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
     layout = memory_format(cfg.sim.channels_last, device)
-    log.info("simulating %s for T=%d (%s coding, %d steps per chunk)", cfg.method.name, cfg.sim.T,
-             cfg.sim.coding, chunk)
+    integer_conv = integer_conv_enabled(cfg.sim.integer_conv, device)
+    log.info("simulating %s for T=%d (%s coding, %d steps per chunk%s)", cfg.method.name, cfg.sim.T,
+             cfg.sim.coding, chunk, ", integer convolutions" if integer_conv else "")
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
         result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
-                          progress=lambda k: bar.update(task, advance=k), layout=layout)
+                          progress=lambda k: bar.update(task, advance=k), layout=layout, integer_conv=integer_conv)
     times["time_simulate_s"] = time.perf_counter() - clock
 
     accuracy, layers = tabulate(cfg, result, calibration, snn, fan, macs)
@@ -246,7 +256,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "num_test_images": result.num_images, "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
-        "chunk": chunk, "channels_last": layout == torch.channels_last, "macs_per_image": macs_per_image,
+        "chunk": chunk, "channels_last": layout == torch.channels_last,
+        "integer_conv": integer_conv, "macs_per_image": macs_per_image,
         "events_per_image": float(accuracy.events_per_image.iloc[-1]),
         "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
         "sops_per_image": float(sops),

@@ -1,6 +1,7 @@
 """The time-stepped engine. Stateless layers (conv, linear, pooling) run once per chunk of time steps folded
 into the batch; only the neurons loop over time. One simulation to T gives the accuracy at every t <= T."""
 
+import ctypes
 from dataclasses import dataclass
 
 import psutil
@@ -8,6 +9,8 @@ import torch
 from torch import nn
 
 from snnbench.convert import device_of
+from snnbench.errors import UserError
+from snnbench.integer_conv import cpu_has_amx, int8_conv_available, integer_convolutions
 from snnbench.neurons import IFNeuron
 
 # Defaults for sim.chunk=auto (time steps folded into one batch) and sim.channels_last=auto (feature-map layout)
@@ -15,9 +18,24 @@ from snnbench.neurons import IFNeuron
 # floor for chunk 1, 2, 4, 8: MNIST CNN (T=64) 1.36, 0.81, 0.66, 0.60; VGG-11 (T=32) at chunk 2, 4, 8: 1.10, 1.10,
 # 1.17. Channels-last (NHWC) made the engine 26-56 % faster than the standard layout (same benches, chunk 4):
 # oneDNN's convolutions and, above all, average pooling are faster. CUDA (one H200, MNIST CNN, T=64, batch 64):
-# chunk 1, 8, 32, 64 gave 70k, 218k, 245k, 237k image-steps/s; the layout there is not measured yet.
+# chunk 1, 8, 32, 64 gave 70k, 218k, 245k, 237k image-steps/s; the layout there is not measured yet. With the
+# integer convolutions (a CPU with AMX, VGG-11) chunk 2, 4, 8 and 16 were within noise of each other.
 DEFAULT_CHUNK = {"cpu": 4, "cuda": 32}
 DEFAULT_CHANNELS_LAST = {"cpu": True, "cuda": False}
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory():
+    """Have glibc serve large blocks from the heap and keep them when freed. By default each block over 32 MB (a
+    chunk's feature maps) is a fresh mapping whose pages the kernel zeroes on first touch, one fault per page, on
+    every chunk: 4x the cost of filling the block (docs/performance.md). Called where a process starts to simulate
+    (a run, a bench engine); nothing happens without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    for parameter in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        mallopt(parameter, 1 << 30)
 
 
 @dataclass
@@ -78,6 +96,18 @@ def memory_format(channels_last, device) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def integer_conv_enabled(setting, device) -> bool:
+    """sim.integer_conv (true / false / auto) on `device`. auto: on for a CPU with AMX, where it was measured
+    faster than float32 (docs/performance.md); elsewhere it is not measured, so off."""
+    on_cpu = torch.device(device).type == "cpu"
+    if setting in (None, "auto"):
+        return on_cpu and cpu_has_amx() and int8_conv_available()
+    if setting and not (on_cpu and int8_conv_available()):
+        raise UserError("sim.integer_conv=true needs device=cpu and a PyTorch with oneDNN's int8 convolution "
+                        f"(device here: {device}): set sim.integer_conv=false or auto")
+    return bool(setting)
+
+
 def placed(x: torch.Tensor, device, layout: torch.memory_format) -> torch.Tensor:
     """`x` on `device`, in `layout` when it is a batch of feature maps."""
     return x.to(device, memory_format=layout) if x.dim() == 4 else x.to(device)
@@ -91,43 +121,45 @@ def _poisson(images: torch.Tensor, steps: int, generator: torch.Generator) -> to
 
 @torch.inference_mode()
 def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
-             progress=None, layout=torch.contiguous_format) -> SimulationResult:
+             progress=None, layout=torch.contiguous_format, integer_conv=False) -> SimulationResult:
     """Run T steps on every (images, labels) batch; `chunk` steps are folded into one batch at a time; feature
-    maps in `layout` (a torch.memory_format)."""
+    maps in `layout` (a torch.memory_format); with `integer_conv` the spike-fed convs compute in integers."""
     model = model.eval().to(device, memory_format=layout)
-    neurons = spiking_layers(model)
-    correct = torch.zeros(T, dtype=torch.long)
-    events = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
-    units = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
-    generator = torch.Generator(device=device).manual_seed(seed)
-    num_images = 0
-    for images, labels in batches:
-        images, labels = placed(images, device, layout), labels.to(device)
-        batch = images.shape[0]
-        for neuron in neurons.values():
-            neuron.reset(batch, T)
-        accumulated = None
-        for start in range(0, T, chunk):
-            steps = min(chunk, T - start)
+    with integer_convolutions(model, integer_conv):
+        neurons = spiking_layers(model)
+        correct = torch.zeros(T, dtype=torch.long)
+        events = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
+        units = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
+        generator = torch.Generator(device=device).manual_seed(seed)
+        num_images = 0
+        for images, labels in batches:
+            images, labels = placed(images, device, layout), labels.to(device)
+            batch = images.shape[0]
             for neuron in neurons.values():
-                neuron.steps = steps
-            inputs = images if coding == "direct" else placed(_poisson(images, steps, generator), device, layout)
-            # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
-            outputs = model(inputs).view(steps, batch, -1).cumsum(0)
-            if accumulated is not None:
-                outputs += accumulated
-            accumulated = outputs[-1]
-            correct[start:start + steps] += (outputs.argmax(-1) == labels).sum(1).cpu()
-        for name, neuron in neurons.items():
-            events[name] += neuron.events
-            units[name] += neuron.units
-        num_images += batch
-        if progress:
-            progress(batch)
-    return SimulationResult(correct, num_images, events, units)
+                neuron.reset(batch, T)
+            accumulated = None
+            for start in range(0, T, chunk):
+                steps = min(chunk, T - start)
+                for neuron in neurons.values():
+                    neuron.steps = steps
+                inputs = images if coding == "direct" else placed(_poisson(images, steps, generator), device, layout)
+                # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
+                outputs = model(inputs).view(steps, batch, -1).cumsum(0)
+                if accumulated is not None:
+                    outputs += accumulated
+                accumulated = outputs[-1]
+                correct[start:start + steps] += (outputs.argmax(-1) == labels).sum(1).cpu()
+            for name, neuron in neurons.items():
+                events[name] += neuron.events
+                units[name] += neuron.units
+            num_images += batch
+            if progress:
+                progress(batch)
+        return SimulationResult(correct, num_images, events, units)
 
 
 def simulate_step_by_step(model, batches, T: int, coding="direct", device="cpu", seed=0,
-                          layout=torch.contiguous_format) -> SimulationResult:
+                          layout=torch.contiguous_format, integer_conv=False) -> SimulationResult:
     """The test oracle: one full network pass per time step, nothing folded."""
-    return simulate(model, batches, T, chunk=1, coding=coding, device=device, seed=seed, layout=layout)
+    return simulate(model, batches, T, chunk=1, coding=coding, device=device, seed=seed, layout=layout,
+                    integer_conv=integer_conv)

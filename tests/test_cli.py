@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from snnbench.cli import CONF_DIR
+from snnbench.integer_conv import int8_conv_available
 
 ROOT = CONF_DIR.parent
 
@@ -51,3 +53,19 @@ def test_list_shows_groups():
 def test_help_on_every_command():
     for command in ([], ["run"], ["list"]):
         assert snnbench(*command, "--help").returncode == 0
+
+
+@pytest.mark.skipif(not int8_conv_available(), reason="this PyTorch has no oneDNN int8 convolution")
+def test_integer_convolutions_end_to_end_agree_with_float(tmp_path):
+    """cnn_small on digits: its second conv is fed by pooled spikes, its first by the image."""
+    accuracy = {}
+    for setting in ("true", "false"):
+        out = tmp_path / setting
+        done = snnbench("run", "model=cnn_small", "sim.T=8", "train.epochs=1", "sim.num_samples=64",
+                        f"sim.integer_conv={setting}", f"hydra.run.dir={out}", f"cache_dir={tmp_path / 'cache'}")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["integer_conv"] is (setting == "true")
+        accuracy[setting] = pd.read_csv(out / "accuracy.csv").accuracy
+    # the same network: the two arithmetics may flip a spike at a threshold, not the picture
+    assert (accuracy["true"] - accuracy["false"]).abs().max() <= 2 / 64

@@ -131,6 +131,7 @@ def test_missing_checkpoint_is_named(cfg, tmp_path):
     ("model.pool", "min", "model.pool must be one of avg, max, got 'min'"),
     ("sim.split", "val", "sim.split must be one of test, train, got 'val'"),
     ("sim.channels_last", "yes", "sim.channels_last must be auto, true or false, got 'yes'"),
+    ("sim.integer_conv", "int8", "sim.integer_conv must be auto, true or false, got 'int8'"),
     ("train.num_samples", 0,
      "train.num_samples must be a positive integer, got 0: set e.g. train.num_samples=32"),
 ])

@@ -1,0 +1,141 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snnbench.convert import fold_batchnorm
+from snnbench.errors import UserError
+from snnbench.integer_conv import IntegerConvolution, int8_conv_available, integer_convolutions, spike_fed_convs
+from snnbench.methods import spiking_copy
+from snnbench.models.convnet import ConvNet
+from snnbench.models.resnet import ResNet
+from snnbench.neurons import IFNeuron
+from snnbench.restructure import restructure
+from snnbench.simulate import integer_conv_enabled, simulate, simulate_step_by_step
+
+needs_int8 = pytest.mark.skipif(not int8_conv_available(), reason="this PyTorch has no oneDNN int8 convolution")
+
+
+def coefficients(shape, low, high, rate, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    c = torch.randint(low, high + 1, shape, generator=generator).float()
+    return c * (torch.rand(shape, generator=generator) < rate)
+
+
+def relative_error(got, exact):
+    return ((got.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@needs_int8
+@pytest.mark.parametrize("size", [12, 3, 2])  # 3 and 2: no more positions than taps, one dense matrix product
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("case", ["binary", "ternary", "augmented, pooled", "per-channel thresholds"])
+def test_integer_convolution_is_as_near_the_exact_sum_as_float32(case, layout, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 32, 3, padding=1, stride=2 if case == "ternary" else 1)
+    threshold = torch.rand(64) + 0.5 if case == "per-channel thresholds" else torch.tensor(0.37)
+    neuron = IFNeuron(threshold, c_max=None if case == "augmented, pooled" else 1,
+                      neg_threshold=1.0 if case in ("ternary", "augmented, pooled") else None)
+    c = coefficients((8, 64, size, size), -1 if case == "ternary" else 0, 1, 0.2)
+    x = c * (threshold.view(-1, 1, 1) if threshold.dim() else threshold)
+    area = 1
+    if case == "augmented, pooled":
+        neuron.c_max, area = 3, 4
+        x = F.avg_pool2d(coefficients((8, 64, 2 * size, 2 * size), -3, 3, 0.3) * threshold, 2)
+    x = x.contiguous(memory_format=layout)
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), conv.stride, conv.padding)
+    integer = IntegerConvolution(conv, neuron, area)
+    with torch.inference_mode():
+        got = integer(x)
+        float32 = conv(x)
+    assert integer.dense == (size < 4)
+    assert got.shape == exact.shape
+    # three int8 limbs carry as many bits as float32; int32 sums are exact: no worse than float32 summation
+    assert relative_error(got, exact) <= max(2 * relative_error(float32, exact), 1e-7)
+
+
+@needs_int8
+def test_a_new_threshold_is_folded_into_the_weights_again():
+    conv, neuron = nn.Conv2d(4, 6, 3, padding=1), IFNeuron(torch.tensor(0.5))
+    integer = IntegerConvolution(conv, neuron, 1)
+    c = coefficients((2, 4, 5, 5), 0, 1, 0.5)
+    with torch.inference_mode():
+        integer(c * 0.5)
+        neuron.threshold = torch.tensor([0.8, 0.6, 0.7, 0.9])  # as TTRBR's tuning does
+        x = c * neuron.threshold.view(-1, 1, 1)
+        torch.testing.assert_close(integer(x), conv(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(integer(x[:, :, :2, :2]), conv(x[:, :, :2, :2]), rtol=1e-6, atol=1e-6)
+
+
+def vgg_like():
+    return ConvNet(layers=[8, "P", 16, 16, "P", 16], hidden=[12], in_channels=1, image_size=8, num_classes=4,
+                   mean=[0.5], std=[0.5])
+
+
+def converted(ann, **knobs):
+    ann = fold_batchnorm(ann)
+    thresholds = {name: torch.tensor(0.3 + 0.1 * i) for i, name in enumerate(
+        n for n, m in ann.named_modules() if isinstance(m, nn.ReLU))}
+    return spiking_copy(ann, thresholds, **knobs)
+
+
+def test_convs_fed_by_neurons_directly_or_through_pooling_are_found():
+    snn = converted(vgg_like())
+    found = {name: area for name, (_, area) in spike_fed_convs(snn).items()}
+    assert found == {"features.4": 4, "features.7": 1, "features.11": 4}  # not features.0: the image feeds it
+    assert spike_fed_convs(converted(vgg_like(), c_max=None, neg_threshold=1.0)) == {}  # |c| has no bound
+    assert set(spike_fed_convs(converted(vgg_like(), c_max=64))) == {"features.7"}  # 64 x 4 > 255
+
+
+def test_resnet_convs_after_additions_and_split_neurons_keep_float():
+    resnet = ResNet(8, in_channels=3, num_classes=10, mean=[0.5] * 3, std=[0.5] * 3)
+    every_block_conv = {f"layer{s}.0.conv{k}" for s in (1, 2, 3) for k in (1, 2)}
+    assert set(spike_fed_convs(converted(resnet))) == every_block_conv
+    split = converted(restructure(resnet, "split"))
+    # a block's conv1 is fed the previous block's split neuron (its copies summed), except the stem's neuron
+    assert set(spike_fed_convs(split)) == {"layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"}
+
+
+def spiking_vgg(**knobs):
+    torch.manual_seed(2)
+    return converted(vgg_like(), **knobs)
+
+
+def image_batches(n=2, batch=5):
+    torch.manual_seed(1)
+    return [(torch.rand(batch, 1, 8, 8), torch.randint(0, 4, (batch,))) for _ in range(n)]
+
+
+@needs_int8
+@pytest.mark.parametrize("knobs", [{}, {"neg_threshold": 1.0}, {"c_max": 4, "neg_threshold": 1.0, "v0": 0.5}])
+def test_integer_engine_equals_its_step_by_step_reference(knobs):
+    data, T = image_batches(), 9
+    reference = simulate_step_by_step(spiking_vgg(**knobs), data, T, integer_conv=True,
+                                      layout=torch.channels_last)
+    floats = simulate(spiking_vgg(**knobs), data, T, 4, layout=torch.channels_last)
+    for chunk in (2, 4, 9):
+        folded = simulate(spiking_vgg(**knobs), data, T, chunk, integer_conv=True, layout=torch.channels_last)
+        assert torch.equal(folded.correct, reference.correct)
+        for name in reference.events:
+            assert torch.equal(folded.events[name], reference.events[name])
+            assert torch.equal(folded.units[name], reference.units[name])
+    # the same network: the integer sums may flip a spike at a threshold, not the picture
+    assert (reference.correct - floats.correct).abs().max() <= 1
+
+
+@needs_int8
+def test_the_model_gets_its_float_convs_back_even_after_an_error():
+    snn = spiking_vgg()
+    simulate(snn, image_batches(), 3, 2, integer_conv=True)
+    assert all("forward" not in conv.__dict__ for conv in snn.modules() if isinstance(conv, nn.Conv2d))
+    with pytest.raises(RuntimeError), integer_convolutions(snn):
+        assert isinstance(snn.features[4].forward, IntegerConvolution)
+        raise RuntimeError("interrupted")
+    assert "forward" not in snn.features[4].__dict__
+
+
+def test_integer_conv_setting():
+    assert integer_conv_enabled(False, "cpu") is False
+    assert integer_conv_enabled("auto", "cuda") is False
+    with pytest.raises(UserError, match="sim.integer_conv=true needs device=cpu"):
+        integer_conv_enabled(True, "cuda")
