@@ -41,7 +41,7 @@ from snnbench.report import console, write_csv
 from snnbench.simulate import (
     activation_elements,
     choose_chunk,
-    integer_conv_enabled,
+    integer_min_depth,
     memory_format,
     placed,
     reuse_freed_memory,
@@ -73,7 +73,7 @@ class Workload:
     T: int
     chunk: int
     channels_last: bool  # the feature maps' layout, for snnbench, the reference and the floor alike
-    integer_conv: bool   # spike-fed convs in integers, for snnbench and the reference (the ANN's inputs are reals)
+    integer_min_depth: int | None  # spike-fed convs in integers, for snnbench and the reference (not the ANN's)
     coding: str
     device: str
     seed: int
@@ -108,9 +108,9 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
     layout = memory_format(cfg.sim.channels_last, device)
-    integer_conv = integer_conv_enabled(cfg.sim.integer_conv, device)
+    min_depth = integer_min_depth(cfg.sim.integer_conv, device)
     work = Workload(ann, folded.cpu(), snn, batches, images, cfg.sim.T, chunk, layout == torch.channels_last,
-                    integer_conv, cfg.sim.coding, device, cfg.seed)
+                    min_depth, cfg.sim.coding, device, cfg.seed)
     num_images = sum(len(labels) for _, labels in batches)
     log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d steps per chunk, device %s, %d threads",
              cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, chunk,
@@ -120,7 +120,8 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
         torch.save(work, path)
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
-    setting = f"chunk {chunk}, {LAYOUT_NAMES[layout]}{', integer convolutions' if integer_conv else ''}"
+    integer = "" if min_depth is None else f", integer convolutions of depth >= {min_depth}"
+    setting = f"chunk {chunk}, {LAYOUT_NAMES[layout]}{integer}"
     show_bench(frame, results, cfg, setting, num_images)
     if out is not None:
         write_csv(out, frame)
@@ -295,7 +296,7 @@ def _peak_rss() -> int:
 def _snnbench(work: Workload) -> dict:
     def run():
         result = simulate(work.snn, work.batches, work.T, work.chunk, work.coding, work.device, work.seed,
-                          layout=work.layout, integer_conv=work.integer_conv)
+                          layout=work.layout, integer_min_depth=work.integer_min_depth)
         return result.correct.tolist()
     return {f"chunk {work.chunk}": run}
 
@@ -303,7 +304,7 @@ def _snnbench(work: Workload) -> dict:
 def _reference(work: Workload) -> dict:
     def run():
         result = simulate_step_by_step(work.snn, work.batches, work.T, work.coding, work.device, work.seed,
-                                       work.layout, work.integer_conv)
+                                       work.layout, work.integer_min_depth)
         return result.correct.tolist()
     return {"chunk 1": run}
 

@@ -176,6 +176,11 @@ def spike_fed_convs(model: nn.Module) -> dict[str, tuple[IFNeuron, int]]:
     return found
 
 
+def _depth(conv: nn.Conv2d) -> int:
+    """Multiply-accumulates per output value."""
+    return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+
 def _levels_fit(neuron: IFNeuron, area: int) -> bool:
     """The largest |c| x pooling area fits in uint8 (negative events: in int8 around the zero point)."""
     if neuron.c_max is None:
@@ -202,9 +207,11 @@ class _NeuronTracer(torch.fx.Tracer):
 
 
 @contextlib.contextmanager
-def integer_convolutions(model: nn.Module, enabled: bool = True):
-    """Within the block the spike-fed convs of `model` compute in integers; their float forward comes back after."""
-    sources = spike_fed_convs(model) if enabled else {}
+def integer_convolutions(model: nn.Module, min_depth: int | None = 0):
+    """Within the block the spike-fed convs of `model` at least `min_depth` deep (input channels x kernel taps; None:
+    none) compute in integers; their float forward comes back after."""
+    sources = {} if min_depth is None else {name: source for name, source in spike_fed_convs(model).items()
+                                            if _depth(model.get_submodule(name)) >= min_depth}
     convs = {name: model.get_submodule(name) for name in sources}
     for name, conv in convs.items():
         conv.forward = IntegerConvolution(conv, *sources[name])

@@ -22,7 +22,7 @@ from snnbench.restructure import KINDS as RESTRUCTURINGS
 from snnbench.simulate import (
     activation_elements,
     choose_chunk,
-    integer_conv_enabled,
+    integer_min_depth,
     memory_format,
     reuse_freed_memory,
     simulate,
@@ -239,13 +239,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
     layout = memory_format(cfg.sim.channels_last, device)
-    integer_conv = integer_conv_enabled(cfg.sim.integer_conv, device)
-    log.info("simulating %s for T=%d (%s coding, %d steps per chunk%s)", cfg.method.name, cfg.sim.T,
-             cfg.sim.coding, chunk, ", integer convolutions" if integer_conv else "")
+    min_depth = integer_min_depth(cfg.sim.integer_conv, device)
+    log.info("simulating %s for T=%d (%s coding, %d steps per chunk%s)", cfg.method.name, cfg.sim.T, cfg.sim.coding,
+             chunk, "" if min_depth is None else f", integer convolutions of depth >= {min_depth}")
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
         result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
-                          progress=lambda k: bar.update(task, advance=k), layout=layout, integer_conv=integer_conv)
+                          progress=lambda k: bar.update(task, advance=k), layout=layout,
+                          integer_min_depth=min_depth)
     times["time_simulate_s"] = time.perf_counter() - clock
 
     accuracy, layers = tabulate(cfg, result, calibration, snn, fan, macs)
@@ -257,7 +258,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "num_test_images": result.num_images, "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
         "chunk": chunk, "channels_last": layout == torch.channels_last,
-        "integer_conv": integer_conv, "macs_per_image": macs_per_image,
+        "integer_conv_min_depth": min_depth, "macs_per_image": macs_per_image,
         "events_per_image": float(accuracy.events_per_image.iloc[-1]),
         "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
         "sops_per_image": float(sops),

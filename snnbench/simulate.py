@@ -22,6 +22,11 @@ from snnbench.neurons import IFNeuron
 # integer convolutions (a CPU with AMX, VGG-11) chunk 2, 4, 8 and 16 were within noise of each other.
 DEFAULT_CHUNK = {"cpu": 4, "cuda": 32}
 DEFAULT_CHANNELS_LAST = {"cpu": True, "cuda": False}
+# sim.integer_conv=auto computes in integers the spike-fed convs at least this deep (input channels x kernel
+# taps). On this CPU (AMX, batch 256, docs/performance.md) one conv of depth 144 ran 1.45x slower in integers than
+# in float32, depth 288 0.64-0.81x, 576 0.56-0.80x, 1152 and more 0.05-0.43x; in whole runs the ResNet-20 (depths
+# 144-576) was 10 % slower with every spike-fed conv in integers and the MNIST CNN (288) no faster.
+INTEGER_MIN_DEPTH = 512
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -96,16 +101,17 @@ def memory_format(channels_last, device) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def integer_conv_enabled(setting, device) -> bool:
-    """sim.integer_conv (true / false / auto) on `device`. auto: on for a CPU with AMX, where it was measured
-    faster than float32 (docs/performance.md); elsewhere it is not measured, so off."""
+def integer_min_depth(setting, device) -> int | None:
+    """sim.integer_conv (true / false / auto) on `device` as the smallest depth (input channels x kernel taps) of a
+    spike-fed conv that computes in integers, None for none. true: every one (0); auto: INTEGER_MIN_DEPTH on a CPU
+    with AMX, where it was measured; elsewhere it is not measured, so none."""
     on_cpu = torch.device(device).type == "cpu"
     if setting in (None, "auto"):
-        return on_cpu and cpu_has_amx() and int8_conv_available()
+        return INTEGER_MIN_DEPTH if on_cpu and cpu_has_amx() and int8_conv_available() else None
     if setting and not (on_cpu and int8_conv_available()):
         raise UserError("sim.integer_conv=true needs device=cpu and a PyTorch with oneDNN's int8 convolution "
                         f"(device here: {device}): set sim.integer_conv=false or auto")
-    return bool(setting)
+    return 0 if setting else None
 
 
 def placed(x: torch.Tensor, device, layout: torch.memory_format) -> torch.Tensor:
@@ -121,11 +127,12 @@ def _poisson(images: torch.Tensor, steps: int, generator: torch.Generator) -> to
 
 @torch.inference_mode()
 def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
-             progress=None, layout=torch.contiguous_format, integer_conv=False) -> SimulationResult:
+             progress=None, layout=torch.contiguous_format, integer_min_depth=None) -> SimulationResult:
     """Run T steps on every (images, labels) batch; `chunk` steps are folded into one batch at a time; feature
-    maps in `layout` (a torch.memory_format); with `integer_conv` the spike-fed convs compute in integers."""
+    maps in `layout` (a torch.memory_format); the spike-fed convs at least `integer_min_depth` deep compute in
+    integers (None: none)."""
     model = model.eval().to(device, memory_format=layout)
-    with integer_convolutions(model, integer_conv):
+    with integer_convolutions(model, integer_min_depth):
         neurons = spiking_layers(model)
         correct = torch.zeros(T, dtype=torch.long)
         events = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
@@ -159,7 +166,7 @@ def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", dev
 
 
 def simulate_step_by_step(model, batches, T: int, coding="direct", device="cpu", seed=0,
-                          layout=torch.contiguous_format, integer_conv=False) -> SimulationResult:
+                          layout=torch.contiguous_format, integer_min_depth=None) -> SimulationResult:
     """The test oracle: one full network pass per time step, nothing folded."""
     return simulate(model, batches, T, chunk=1, coding=coding, device=device, seed=seed, layout=layout,
-                    integer_conv=integer_conv)
+                    integer_min_depth=integer_min_depth)

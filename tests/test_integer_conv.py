@@ -11,7 +11,7 @@ from snnbench.models.convnet import ConvNet
 from snnbench.models.resnet import ResNet
 from snnbench.neurons import IFNeuron
 from snnbench.restructure import restructure
-from snnbench.simulate import integer_conv_enabled, simulate, simulate_step_by_step
+from snnbench.simulate import integer_min_depth, simulate, simulate_step_by_step
 
 needs_int8 = pytest.mark.skipif(not int8_conv_available(), reason="this PyTorch has no oneDNN int8 convolution")
 
@@ -110,11 +110,11 @@ def image_batches(n=2, batch=5):
 @pytest.mark.parametrize("knobs", [{}, {"neg_threshold": 1.0}, {"c_max": 4, "neg_threshold": 1.0, "v0": 0.5}])
 def test_integer_engine_equals_its_step_by_step_reference(knobs):
     data, T = image_batches(), 9
-    reference = simulate_step_by_step(spiking_vgg(**knobs), data, T, integer_conv=True,
+    reference = simulate_step_by_step(spiking_vgg(**knobs), data, T, integer_min_depth=0,
                                       layout=torch.channels_last)
     floats = simulate(spiking_vgg(**knobs), data, T, 4, layout=torch.channels_last)
     for chunk in (2, 4, 9):
-        folded = simulate(spiking_vgg(**knobs), data, T, chunk, integer_conv=True, layout=torch.channels_last)
+        folded = simulate(spiking_vgg(**knobs), data, T, chunk, integer_min_depth=0, layout=torch.channels_last)
         assert torch.equal(folded.correct, reference.correct)
         for name in reference.events:
             assert torch.equal(folded.events[name], reference.events[name])
@@ -126,7 +126,7 @@ def test_integer_engine_equals_its_step_by_step_reference(knobs):
 @needs_int8
 def test_the_model_gets_its_float_convs_back_even_after_an_error():
     snn = spiking_vgg()
-    simulate(snn, image_batches(), 3, 2, integer_conv=True)
+    simulate(snn, image_batches(), 3, 2, integer_min_depth=0)
     assert all("forward" not in conv.__dict__ for conv in snn.modules() if isinstance(conv, nn.Conv2d))
     with pytest.raises(RuntimeError), integer_convolutions(snn):
         assert isinstance(snn.features[4].forward, IntegerConvolution)
@@ -135,7 +135,19 @@ def test_the_model_gets_its_float_convs_back_even_after_an_error():
 
 
 def test_integer_conv_setting():
-    assert integer_conv_enabled(False, "cpu") is False
-    assert integer_conv_enabled("auto", "cuda") is False
+    assert integer_min_depth(False, "cpu") is None
+    assert integer_min_depth(True, "cpu") == 0
+    assert integer_min_depth("auto", "cuda") is None
     with pytest.raises(UserError, match="sim.integer_conv=true needs device=cpu"):
-        integer_conv_enabled(True, "cuda")
+        integer_min_depth(True, "cuda")
+
+
+def test_only_convs_deep_enough_compute_in_integers():
+    snn = spiking_vgg()
+
+    def patched():
+        return {name for name, m in snn.named_modules() if isinstance(m, nn.Conv2d) and "forward" in m.__dict__}
+    with integer_convolutions(snn, min_depth=100):
+        assert patched() == {"features.7", "features.11"}  # 16 channels x 9 taps; features.4 has 8 x 9 = 72
+    with integer_convolutions(snn, min_depth=None):
+        assert patched() == set()
