@@ -95,7 +95,7 @@ class IntegerConvolution:
     def _convolve(self, levels: torch.Tensor) -> torch.Tensor:
         conv, out = self.conv, None
         geometry = list(conv.stride), list(conv.padding), list(conv.dilation), 1
-        for weight, scale in reversed(self.limbs):  # the smallest limb first: the float sums stay exact longest
+        for weight, scale in reversed(self.limbs):  # smallest limb first: the float sums round least that way
             if out is None:
                 out = torch.ops.onednn.qconv2d_pointwise(
                     levels, 1.0, self.zero_point, weight, scale, self.no_zero_points, self.bias, *geometry,

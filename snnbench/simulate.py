@@ -37,7 +37,7 @@ def reuse_freed_memory():
     (a run, a bench engine); nothing happens without glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library to open (Windows), or no mallopt in it (macOS)
         return
     for parameter in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
         mallopt(parameter, 1 << 30)
