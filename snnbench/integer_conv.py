@@ -55,6 +55,7 @@ class IntegerConvolution:
         self.conv, self.neuron, self.pooling_area = conv, neuron, pooling_area
         # negative events (c < 0) ride on a zero point: uint8 = c + 128
         self.zero_point = 0 if neuron.neg_threshold is None else 128
+        self.geometry = list(conv.stride), list(conv.padding), list(conv.dilation), 1  # oneDNN's argument order
         self.packed_threshold = self.packed_size = None
 
     def _pack(self, input_size: tuple[int, int]):
@@ -76,16 +77,16 @@ class IntegerConvolution:
             bias = None if bias is None else bias.repeat(positions)
             self.limbs = [(torch.ops.onednn.qlinear_prepack(q, None), scale) for q, scale in _int8_limbs(weight)]
         else:
-            geometry = list(conv.stride), list(conv.padding), list(conv.dilation), 1
             self.limbs = [(torch.ops.onednn.qconv_prepack(q.contiguous(memory_format=torch.channels_last), scale,
-                                                          1.0, self.zero_point, *geometry, None), scale)
+                                                          1.0, self.zero_point, *self.geometry, None), scale)
                           for q, scale in _int8_limbs(weight)]
         self.bias, self.no_zero_points = bias, torch.zeros(len(weight), dtype=torch.long)
         self.packed_threshold, self.packed_size = threshold, input_size
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_threshold is not self.neuron.threshold or self.packed_size != tuple(x.shape[2:]):
-            self._pack(tuple(x.shape[2:]))
+        size = tuple(x.shape[2:])
+        if self.packed_threshold is not self.neuron.threshold or self.packed_size != size:
+            self._pack(size)
         levels = torch.mul(x, self.inverse_quantum).round_()
         if self.zero_point:
             levels += self.zero_point
@@ -93,16 +94,15 @@ class IntegerConvolution:
         return self._dense(levels) if self.dense else self._convolve(levels)
 
     def _convolve(self, levels: torch.Tensor) -> torch.Tensor:
-        conv, out = self.conv, None
-        geometry = list(conv.stride), list(conv.padding), list(conv.dilation), 1
+        out = None
         for weight, scale in reversed(self.limbs):  # smallest limb first: the float sums round least that way
             if out is None:
                 out = torch.ops.onednn.qconv2d_pointwise(
-                    levels, 1.0, self.zero_point, weight, scale, self.no_zero_points, self.bias, *geometry,
+                    levels, 1.0, self.zero_point, weight, scale, self.no_zero_points, self.bias, *self.geometry,
                     1.0, 0, torch.float32, "none", [], "")
             else:
                 out = torch.ops.onednn.qconv2d_pointwise.binary(
-                    levels, 1.0, self.zero_point, weight, scale, self.no_zero_points, out, None, *geometry,
+                    levels, 1.0, self.zero_point, weight, scale, self.no_zero_points, out, None, *self.geometry,
                     1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
         return out
 
@@ -210,9 +210,9 @@ class _NeuronTracer(torch.fx.Tracer):
 def integer_convolutions(model: nn.Module, min_depth: int | None = 0):
     """Within the block the spike-fed convs of `model` at least `min_depth` deep (input channels x kernel taps; None:
     none) compute in integers; their float forward comes back after."""
-    sources = {} if min_depth is None else {name: source for name, source in spike_fed_convs(model).items()
-                                            if _depth(model.get_submodule(name)) >= min_depth}
+    sources = {} if min_depth is None else spike_fed_convs(model)
     convs = {name: model.get_submodule(name) for name in sources}
+    convs = {name: conv for name, conv in convs.items() if _depth(conv) >= min_depth}
     for name, conv in convs.items():
         conv.forward = IntegerConvolution(conv, *sources[name])
     try:
