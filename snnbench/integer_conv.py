@@ -65,16 +65,15 @@ class IntegerConvolution:
         quantum = (threshold.view(1, -1, 1, 1) if threshold.dim() else threshold) / self.pooling_area
         self.inverse_quantum = 1.0 / quantum
         weight = conv.weight.detach().double() * quantum.double()
-        self.output_size = _output_size(conv, input_size)
         # An input with no more positions than the kernel has taps: the conv is one dense matrix product with no
         # more multiply-accumulates, and oneDNN's int8 matrix product is far faster there than its convolution
         # (VGG's 2x2 layers: 1.8 against 24.7 ms, docs/performance.md).
         self.dense = input_size[0] * input_size[1] <= conv.kernel_size[0] * conv.kernel_size[1]
         bias = None if conv.bias is None else conv.bias.detach().float()
         if self.dense:
-            weight = _dense_matrix(conv, weight, input_size)
-            positions = self.output_size[0] * self.output_size[1]
-            bias = None if bias is None else bias.repeat(positions)
+            self.output_size = _output_size(conv, input_size)
+            weight = _dense_matrix(conv, weight, input_size, self.output_size)
+            bias = None if bias is None else bias.repeat(self.output_size[0] * self.output_size[1])
             self.limbs = [(torch.ops.onednn.qlinear_prepack(q, None), scale) for q, scale in _int8_limbs(weight)]
         else:
             self.limbs = [(torch.ops.onednn.qconv_prepack(q.contiguous(memory_format=torch.channels_last), scale,
@@ -125,8 +124,9 @@ def _int8_limbs(weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
     limbs = []
     for _ in range(LIMBS):
         scale = scale.float()  # oneDNN applies the scales in float32: split with those values
-        q = torch.round(weight / scale.double().view(rows))
-        weight = weight - q * scale.double().view(rows)
+        step = scale.double().view(rows)
+        q = torch.round(weight / step)
+        weight = weight - q * step
         limbs.append((q.to(torch.int8), scale))
         scale = scale / LIMB_RATIO
     return limbs
@@ -137,10 +137,11 @@ def _output_size(conv: nn.Conv2d, input_size: tuple[int, int]) -> tuple[int, int
                  zip(input_size, conv.kernel_size, conv.stride, conv.padding, conv.dilation, strict=True))
 
 
-def _dense_matrix(conv: nn.Conv2d, weight: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
-    """`conv` (with `weight`) on inputs of `input_size` as one matrix: rows (i, j, output channel), columns
-    (h, w, input channel), the channels-last order of its output and input."""
-    (height, width), (rows, cols) = input_size, _output_size(conv, input_size)
+def _dense_matrix(conv: nn.Conv2d, weight: torch.Tensor, input_size: tuple[int, int],
+                  output_size: tuple[int, int]) -> torch.Tensor:
+    """`conv` (with `weight`) from inputs of `input_size` to outputs of `output_size` as one matrix: rows (i, j,
+    output channel), columns (h, w, input channel), the channels-last order of its output and input."""
+    (height, width), (rows, cols) = input_size, output_size
     matrix = weight.new_zeros(rows, cols, conv.out_channels, height, width, conv.in_channels)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     for i, j, a, b in itertools.product(range(rows), range(cols), range(kh), range(kw)):
