@@ -73,7 +73,7 @@ class Workload:
     T: int
     chunk: int
     channels_last: bool  # the feature maps' layout, for snnbench, the reference and the floor alike
-    integer_min_depth: int | None  # spike-fed convs in integers, for snnbench and the reference (not the ANN's)
+    integer_min_depth: int | None  # spike-fed layers in integers, for snnbench and the reference (not the ANN's)
     coding: str
     device: str
     seed: int
@@ -120,7 +120,7 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
         torch.save(work, path)
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
-    integer = "" if min_depth is None else f", integer convolutions of depth >= {min_depth}"
+    integer = "" if min_depth is None else f", integer layers of depth >= {min_depth}"
     setting = f"chunk {chunk}, {LAYOUT_NAMES[layout]}{integer}"
     show_bench(frame, results, cfg, setting, num_images)
     if out is not None:

@@ -1,19 +1,24 @@
-"""Convolutions of spikes in exact integer arithmetic (CPU, oneDNN int8), behind `sim.integer_conv`.
+"""Convolutions and linear layers of spikes in exact integer arithmetic (CPU, oneDNN int8), behind
+`sim.integer_conv`.
 
-A conv fed by spiking neurons, directly or through average pooling, receives whole multiples of a quantum: the
-neuron's threshold (per layer or per channel), divided by the pooling area. Its input is then exact as 8-bit
-integers, and its weights, scaled by the quanta, split into three int8 limbs W ~ s q1 + s/254 q2 + s/254^2 q3
-(s per output channel; 3 x 8 bits, as many as float32's mantissa). oneDNN sums each limb in int32, exactly, and
-scales the three sums into one float32 output. On a CPU with AMX that is 2-4x faster than the float32
-convolution for VGG's layers, and nearer the exact result than float32 summation (docs/performance.md). An input
-with no more positions than the kernel has taps (VGG's 2x2 maps) goes through one dense int8 matrix product.
+A conv or linear layer fed by spiking neurons, directly or through average pooling (and a flatten), receives
+whole multiples of a quantum: the neuron's threshold (per layer or per channel), divided by the pooling area.
+Its input is then exact as 8-bit integers, and its weights, scaled by the quanta, split into three int8 limbs
+W ~ s q1 + s/254 q2 + s/254^2 q3 (s per output channel; 3 x 8 bits, as many as float32's mantissa). oneDNN sums
+each limb in int32, exactly, and scales the three sums into one float32 output. On a CPU with AMX that is 2-4x
+faster than the float32 convolution for VGG's layers, and nearer the exact result than float32 summation
+(docs/performance.md). A linear layer, and a conv whose input has no more positions than the kernel has taps
+(VGG's 2x2 maps), go through oneDNN's int8 matrix product.
 
-Convs fed by anything else (the image, additions, a split neuron's summed copies) keep their float forward.
+A neuron whose every consumer computes in integers emits its coefficients c rather than c x threshold: those
+consumers fold the threshold into their weights anyway, and the neuron saves a multiplication per step.
+Layers fed by anything else (the image, additions, a split neuron's summed copies) keep their float forward.
 """
 
 import contextlib
 import functools
 import itertools
+import math
 
 import torch
 import torch.fx
@@ -40,7 +45,7 @@ def int8_conv_available() -> bool:
         with torch.inference_mode():
             for size in (5, 2):
                 spikes = (torch.rand(2, 4, size, size, generator=generator) < 0.5).float()
-                got = IntegerConvolution(conv, neuron, pooling_area=1)(spikes * 0.5)
+                got = IntegerLayer(conv, neuron, pooling_area=1)(spikes * 0.5)
                 if not torch.allclose(got, conv(spikes * 0.5), rtol=1e-5, atol=1e-5):
                     return False
         return True
@@ -48,72 +53,78 @@ def int8_conv_available() -> bool:
         return False
 
 
-class IntegerConvolution:
-    """The forward of `conv` for inputs that are whole multiples of `neuron`'s threshold / `pooling_area`."""
+class IntegerLayer:
+    """The forward of `layer` (a Conv2d or a Linear) for inputs that are whole multiples of what `neuron` emits
+    per coefficient (its threshold, or 1 when it emits coefficients) divided by `pooling_area`."""
 
-    def __init__(self, conv: nn.Conv2d, neuron: IFNeuron, pooling_area: int):
-        self.conv, self.neuron, self.pooling_area = conv, neuron, pooling_area
+    def __init__(self, layer: nn.Conv2d | nn.Linear, neuron: IFNeuron, pooling_area: int):
+        self.layer, self.neuron, self.pooling_area = layer, neuron, pooling_area
         # negative events (c < 0) ride on a zero point: uint8 = c + 128
         self.zero_point = 0 if neuron.neg_threshold is None else 128
-        self.geometry = list(conv.stride), list(conv.padding), list(conv.dilation), 1  # oneDNN's argument order
-        self.packed_threshold = self.packed_size = None
+        if isinstance(layer, nn.Conv2d):  # oneDNN's argument order
+            self.geometry = list(layer.stride), list(layer.padding), list(layer.dilation), 1
+        self.packed_threshold = self.packed_shape = None
 
-    def _pack(self, input_size: tuple[int, int]):
-        """Fold the quanta into the weights and split them into int8 limbs, for this input size; again whenever
-        the threshold tensor is replaced (TTRBR's tuning assigns new ones) or the input size changes."""
-        conv, threshold = self.conv, self.neuron.threshold
-        quantum = (threshold.view(1, -1, 1, 1) if threshold.dim() else threshold) / self.pooling_area
-        self.inverse_quantum = 1.0 / quantum
-        weight = conv.weight.detach().double() * quantum.double()
+    def _pack(self, input_shape: tuple[int, ...]):
+        """Fold the quanta into the weights and split them into int8 limbs, for inputs of this shape (without the
+        batch); again whenever the threshold tensor is replaced (TTRBR's tuning assigns new ones) or the input
+        shape changes."""
+        layer, threshold = self.layer, self.neuron.threshold
+        if isinstance(layer, nn.Linear) and len(input_shape) != 1:
+            raise ValueError(f"an integer linear layer takes rows of features, got inputs of shape {input_shape}")
+        quantum = _per_input(threshold, layer, input_shape) / self.pooling_area  # what one level carries
+        # levels per unit of input: a neuron that emits its coefficients leaves the threshold to the weights, and
+        # its coefficients averaged over a power-of-two area scale back to whole numbers exactly, with no rounding
+        self.inverse_quantum = self.pooling_area if self.neuron.emits_coefficients else 1.0 / quantum
+        self.exact = self.neuron.emits_coefficients and self.pooling_area & (self.pooling_area - 1) == 0
+        weight = layer.weight.detach().double() * quantum.double()
+        bias = None if layer.bias is None else layer.bias.detach().float()
         # An input with no more positions than the kernel has taps: the conv is one dense matrix product with no
         # more multiply-accumulates, and oneDNN's int8 matrix product is far faster there than its convolution
         # (VGG's 2x2 layers: 1.8 against 24.7 ms, docs/performance.md).
-        self.dense = input_size[0] * input_size[1] <= conv.kernel_size[0] * conv.kernel_size[1]
-        bias = None if conv.bias is None else conv.bias.detach().float()
-        if self.dense:
-            self.output_size = _output_size(conv, input_size)
-            weight = _dense_matrix(conv, weight, input_size, self.output_size)
-            bias = None if bias is None else bias.repeat(self.output_size[0] * self.output_size[1])
-            self.limbs = [(torch.ops.onednn.qlinear_prepack(q, None), scale) for q, scale in _int8_limbs(weight)]
+        self.output_size = None
+        if isinstance(layer, nn.Conv2d) and math.prod(input_shape[1:]) <= math.prod(layer.kernel_size):
+            self.output_size = _output_size(layer, input_shape[1:])
+            weight = _dense_matrix(layer, weight, input_shape[1:], self.output_size)
+            bias = None if bias is None else bias.repeat(math.prod(self.output_size))
+        self.matrix_product = isinstance(layer, nn.Linear) or self.output_size is not None
+        limbs = _int8_limbs(weight)
+        if self.matrix_product:
+            self.limbs = [(torch.ops.onednn.qlinear_prepack(q, None), scale) for q, scale in limbs]
         else:
             self.limbs = [(torch.ops.onednn.qconv_prepack(q.contiguous(memory_format=torch.channels_last), scale,
                                                           1.0, self.zero_point, *self.geometry, None), scale)
-                          for q, scale in _int8_limbs(weight)]
+                          for q, scale in limbs]
         self.bias, self.no_zero_points = bias, torch.zeros(len(weight), dtype=torch.long)
-        self.packed_threshold, self.packed_size = threshold, input_size
+        self.packed_threshold, self.packed_shape = threshold, input_shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[2:])
-        if self.packed_threshold is not self.neuron.threshold or self.packed_size != size:
-            self._pack(size)
-        levels = torch.mul(x, self.inverse_quantum).round_()
+        shape = tuple(x.shape[1:])
+        if self.packed_threshold is not self.neuron.threshold or self.packed_shape != shape:
+            self._pack(shape)
+        levels = torch.mul(x, self.inverse_quantum)
+        if not self.exact:
+            levels.round_()
         if self.zero_point:
             levels += self.zero_point
         levels = levels.to(torch.uint8)
-        return self._dense(levels) if self.dense else self._convolve(levels)
+        if not self.matrix_product:
+            return self._sum_limbs(functools.partial(torch.ops.onednn.qconv2d_pointwise, levels), self.geometry)
+        # a conv's map goes in as rows of (position, channel) in channels-last order and comes out the same
+        rows = levels.permute(0, 2, 3, 1).reshape(len(levels), -1) if levels.dim() == 4 else levels
+        out = self._sum_limbs(functools.partial(torch.ops.onednn.qlinear_pointwise, rows), ())
+        return out if self.output_size is None else out.view(len(levels), *self.output_size, -1).permute(0, 3, 1, 2)
 
-    def _convolve(self, levels: torch.Tensor) -> torch.Tensor:
+    def _sum_limbs(self, product, geometry: tuple) -> torch.Tensor:
+        """The float32 sum of each limb's int8 product (`product` of the levels, given the limb), smallest limb
+        first: the float sums round least that way. (oneDNN's `sum` post-op instead of the additions copies the
+        accumulator and is no faster.)"""
         out = None
-        for weight, scale in reversed(self.limbs):  # smallest limb first: the float sums round least that way
-            if out is None:
-                out = torch.ops.onednn.qconv2d_pointwise(
-                    levels, 1.0, self.zero_point, weight, scale, self.no_zero_points, self.bias, *self.geometry,
-                    1.0, 0, torch.float32, "none", [], "")
-            else:
-                out = torch.ops.onednn.qconv2d_pointwise.binary(
-                    levels, 1.0, self.zero_point, weight, scale, self.no_zero_points, out, None, *self.geometry,
-                    1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
-        return out
-
-    def _dense(self, levels: torch.Tensor) -> torch.Tensor:
-        """Rows of (position, channel) in channels-last order in, the same out, seen as a channels-last map."""
-        flat, out = levels.permute(0, 2, 3, 1).reshape(len(levels), -1), None
         for weight, scale in reversed(self.limbs):
-            product = torch.ops.onednn.qlinear_pointwise(
-                flat, 1.0, self.zero_point, weight, scale, self.no_zero_points, self.bias if out is None else None,
-                1.0, 0, torch.float32, "none", [], "")
-            out = product if out is None else out.add_(product)
-        return out.view(len(levels), *self.output_size, -1).permute(0, 3, 1, 2)
+            limb = product(1.0, self.zero_point, weight, scale, self.no_zero_points,
+                           self.bias if out is None else None, *geometry, 1.0, 0, torch.float32, "none", [], "")
+            out = limb if out is None else out.add_(limb)
+        return out
 
 
 def _int8_limbs(weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -130,6 +141,15 @@ def _int8_limbs(weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
         limbs.append((q.to(torch.int8), scale))
         scale = scale / LIMB_RATIO
     return limbs
+
+
+def _per_input(value: torch.Tensor, layer: nn.Conv2d | nn.Linear, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """`value` (a scalar, or one per channel of the neuron) as it broadcasts over one input of `layer`."""
+    if not value.dim():
+        return value
+    if isinstance(layer, nn.Linear):  # a flattened map: each channel's value covers its positions' columns
+        return value.repeat_interleave(input_shape[0] // len(value))
+    return value.view(1, -1, 1, 1)
 
 
 def _output_size(conv: nn.Conv2d, input_size: tuple[int, int]) -> tuple[int, int]:
@@ -151,35 +171,73 @@ def _dense_matrix(conv: nn.Conv2d, weight: torch.Tensor, input_size: tuple[int, 
     return matrix.reshape(rows * cols * conv.out_channels, height * width * conv.in_channels)
 
 
-def spike_fed_convs(model: nn.Module) -> dict[str, tuple[IFNeuron, int]]:
-    """The convs of `model` whose input is the output of an IF neuron, directly or through average pooling (and
-    identities): name -> (the neuron, the pooling area). Only those whose integer levels fit in 8 bits."""
-    modules = dict(model.named_modules())
-    graph = _NeuronTracer().trace(model)
-    found = {}
-    for node in graph.nodes:
-        conv = modules.get(node.target) if node.op == "call_module" else None
-        if not (isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"
-                and not isinstance(conv.padding, str)):
+def spike_fed_layers(model: nn.Module) -> dict[str, tuple[IFNeuron, int]]:
+    """The convs and linear layers of `model` whose input is the output of an IF neuron, directly or through
+    average pooling (and identities, a flatten before a linear layer): name -> (the neuron, the pooling area).
+    Only those whose integer levels fit in 8 bits."""
+    modules, found = dict(model.named_modules()), {}
+    for node in _NeuronTracer().trace(model).nodes:
+        layer = _module(node, modules)
+        if not _integer_capable(layer):
             continue
         source, area = node.args[0], 1
-        while isinstance(source, torch.fx.Node) and source.op == "call_module":
-            module = modules[source.target]
+        while (module := _module(source, modules)) is not None:
             if isinstance(module, IFNeuron):
                 if _levels_fit(module, area):
                     found[node.target] = (module, area)
                 break
-            if isinstance(module, nn.AvgPool2d) and (pooled := _pooling_area(module)):
-                area *= pooled
-            elif not isinstance(module, nn.Identity | nn.Dropout):
+            if not _passes_spikes(module, layer):
                 break
+            area *= _pooling_area(module) if isinstance(module, nn.AvgPool2d) else 1
             source = source.args[0]
     return found
 
 
-def _depth(conv: nn.Conv2d) -> int:
+def coefficient_emitters(model: nn.Module, integer_layers: set[str]) -> set[IFNeuron]:
+    """The neurons of `model` whose output reaches nothing but the named integer layers (through modules that
+    pass spikes on): those may emit their coefficients, since the layers fold the threshold into their weights."""
+    modules, verdicts = dict(model.named_modules()), {}
+    for node in _NeuronTracer().trace(model).nodes:
+        if isinstance(neuron := _module(node, modules), IFNeuron):
+            verdicts[neuron] = verdicts.get(neuron, True) and _reaches_only(node, integer_layers, modules)
+    return {neuron for neuron, verdict in verdicts.items() if verdict}
+
+
+def _reaches_only(node: torch.fx.Node, layers: set[str], modules: dict[str, nn.Module]) -> bool:
+    """Whether every path from `node` through modules that pass spikes on ends in one of `layers`."""
+    for user in node.users:
+        if user.op == "call_module" and user.target in layers:
+            continue
+        module = _module(user, modules)
+        if module is None or not _passes_spikes(module, None) or not _reaches_only(user, layers, modules):
+            return False
+    return bool(node.users)
+
+
+def _module(node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The module a traced node calls (None for anything else)."""
+    return modules[node.target] if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
+
+
+def _integer_capable(layer: nn.Module | None) -> bool:
+    if isinstance(layer, nn.Conv2d):
+        return layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    return isinstance(layer, nn.Linear)
+
+
+def _passes_spikes(module: nn.Module, layer: nn.Module | None) -> bool:
+    """Whether `module`, between a neuron and `layer` (None: any layer), keeps its output whole multiples of a
+    quantum per channel: average pooling of fixed area, identities, and a flatten into a linear layer."""
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1 and not isinstance(layer, nn.Conv2d)
+    if isinstance(module, nn.AvgPool2d):
+        return _pooling_area(module) is not None
+    return isinstance(module, nn.Identity | nn.Dropout)
+
+
+def _depth(layer: nn.Conv2d | nn.Linear) -> int:
     """Multiply-accumulates per output value."""
-    return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    return layer.weight[0].numel()
 
 
 def _levels_fit(neuron: IFNeuron, area: int) -> bool:
@@ -208,17 +266,22 @@ class _NeuronTracer(torch.fx.Tracer):
 
 
 @contextlib.contextmanager
-def integer_convolutions(model: nn.Module, min_depth: int | None = 0):
-    """Within the block the spike-fed convs of `model` at least `min_depth` deep (input channels x kernel taps; None:
-    none) compute in integers; their float forward comes back after."""
-    sources = {} if min_depth is None else spike_fed_convs(model)
-    convs = {name: model.get_submodule(name) for name in sources}
-    convs = {name: conv for name, conv in convs.items() if _depth(conv) >= min_depth}
-    for name, conv in convs.items():
-        conv.forward = IntegerConvolution(conv, *sources[name])
+def integer_layers(model: nn.Module, min_depth: int | None = 0):
+    """Within the block the spike-fed convs and linear layers of `model` at least `min_depth` deep (multiply-
+    accumulates per output value; None: none) compute in integers, and the neurons that feed nothing else emit
+    their coefficients; the float forwards and the neurons' outputs come back after."""
+    sources = {} if min_depth is None else spike_fed_layers(model)
+    layers = {name: model.get_submodule(name) for name in sources}
+    layers = {name: layer for name, layer in layers.items() if _depth(layer) >= min_depth}
+    emitters = coefficient_emitters(model, set(layers)) if layers else set()
+    for name, layer in layers.items():
+        layer.forward = IntegerLayer(layer, *sources[name])
+    for neuron in emitters:
+        neuron.emits_coefficients = True
     try:
         yield
     finally:
-        for conv in convs.values():
-            del conv.forward
-
+        for layer in layers.values():
+            del layer.forward
+        for neuron in emitters:
+            neuron.emits_coefficients = False

@@ -5,8 +5,9 @@
     augmented (AugMapping)     c_max=None, neg_threshold=1.0
 
 Each step a neuron emits one coefficient c (0 = silent) carrying c * threshold downstream, and subtracts
-what it emitted from its membrane (reset by subtraction). The simulation engine folds several time steps
-into the batch dimension; only this module loops over them.
+what it emitted from its membrane (reset by subtraction). A neuron whose consumers all fold the threshold into
+their weights (the integer layers of snnbench.integer_conv) emits c itself. The simulation engine folds several
+time steps into the batch dimension; only this module loops over them.
 """
 
 import torch
@@ -32,6 +33,7 @@ class IFNeuron(nn.Module):
         self.neg_threshold = neg_threshold
         self.require_positive_net = require_positive_net
         self.register_buffer("bias", None)  # optional current per channel, added every step (TTRBR)
+        self.emits_coefficients = False
         self.steps = 1
         self.reset(batch=0, total_steps=0)
 
@@ -66,27 +68,28 @@ class IFNeuron(nn.Module):
             self.v = v0.expand(batch, *x.shape[1:]).clone(memory_format=layout)
             negative = self.neg_threshold is not None
             self.net = torch.zeros_like(self.v) if negative else None
-            # this step's coefficients and negative events: reused by every step (no allocation, stays in cache)
+            # this step's coefficients (or their magnitudes, when the neuron emits them) and negative events:
+            # reused by every step (no allocation, stays in cache)
             self.scratch = torch.empty_like(self.v), (torch.empty_like(self.v) if negative else None)
-        c, undo = self.scratch
-        # the per-image sums read c in memory order, whatever the layout
-        per_image = (c.permute(0, 2, 3, 1) if layout == torch.channels_last else c).reshape(batch, -1)
         # written in place: the emitted values (returned) and, per step and image, the spike units and events
         out = torch.empty((steps * batch, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=layout)
         out = out.view(steps, batch, *x.shape[1:])
         counts = torch.empty((2, steps, batch), dtype=x.dtype, device=x.device)
+        scratch, undo = self.scratch
         for step in range(steps):
             self.v.add_(currents if constant else currents[step])
-            self._fire(theta, c, out[step], undo)
-            self._count(per_image, counts[:, step])
+            c, emitted = (out[step], None) if self.emits_coefficients else (scratch, out[step])
+            self._fire(theta, c, emitted, undo)
+            self._count(_per_image(c), _per_image(scratch), counts[:, step])
         units, events = counts.double().sum(2).cpu()
         self.units[self.t:self.t + steps] += units
         self.events[self.t:self.t + steps] += events
         self.t += steps
         return out.view(steps * batch, *x.shape[1:])
 
-    def _fire(self, theta: torch.Tensor, c: torch.Tensor, out: torch.Tensor, undo: torch.Tensor | None):
-        """Write this step's coefficients into `c`, the emitted c * theta into `out`, and update the membrane.
+    def _fire(self, theta: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None, undo: torch.Tensor | None):
+        """Write this step's coefficients into `c`, c * theta into `out` (None: c is what is emitted), and update
+        the membrane.
         With c_max = 1 the clamped floor quotients are 0 or 1: exactly the comparisons v >= theta and
         v <= -neg_threshold * theta (theta > 0), which cost a tenth of a floor division."""
         v = self.v
@@ -106,13 +109,17 @@ class IFNeuron(nn.Module):
                 torch.minimum(undo, self.net, out=undo)
             c.sub_(undo)
             self.net.add_(c)
-        torch.mul(c, theta, out=out)
-        v.sub_(out)
+        if out is None:
+            v.addcmul_(c, theta, value=-1)
+        else:
+            torch.mul(c, theta, out=out)
+            v.sub_(out)
 
-    def _count(self, c: torch.Tensor, counts: torch.Tensor):
+    def _count(self, c: torch.Tensor, scratch: torch.Tensor, counts: torch.Tensor):
         """Per image [batch, n] -> counts [2, batch]: spike units (sum of |c|) and events (non-zero c), exact
-        integers in float32. Without negative events c >= 0; with c_max = 1 every event is one spike unit."""
-        magnitude = c if self.neg_threshold is None else c.abs_()
+        integers in float32, with `scratch` (may be c itself) to write |c| into. Without negative events c >= 0;
+        with c_max = 1 every event is one spike unit."""
+        magnitude = c if self.neg_threshold is None else torch.abs(c, out=scratch)
         torch.sum(magnitude, 1, out=counts[0])
         if self.c_max == 1:
             counts[1] = counts[0]
@@ -123,6 +130,11 @@ class IFNeuron(nn.Module):
 def _per_channel(value: torch.Tensor, sample_dims: int) -> torch.Tensor:
     """A scalar, or per-channel values broadcast over the spatial dimensions of conv feature maps."""
     return value if value.dim() == 0 else value.view(-1, *([1] * (sample_dims - 1)))
+
+
+def _per_image(x: torch.Tensor) -> torch.Tensor:
+    """`x` [batch, ...] as rows [batch, n] in memory order, whatever the layout: a view, never a copy."""
+    return (x.permute(0, 2, 3, 1) if _layout(x) == torch.channels_last else x).reshape(len(x), -1)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -241,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     layout = memory_format(cfg.sim.channels_last, device)
     min_depth = integer_min_depth(cfg.sim.integer_conv, device)
     log.info("simulating %s for T=%d (%s coding, %d steps per chunk%s)", cfg.method.name, cfg.sim.T, cfg.sim.coding,
-             chunk, "" if min_depth is None else f", integer convolutions of depth >= {min_depth}")
+             chunk, "" if min_depth is None else f", integer layers of depth >= {min_depth}")
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
         result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,

@@ -10,7 +10,7 @@ from torch import nn
 
 from snnbench.convert import device_of
 from snnbench.errors import UserError
-from snnbench.integer_conv import cpu_has_amx, int8_conv_available, integer_convolutions
+from snnbench.integer_conv import cpu_has_amx, int8_conv_available, integer_layers
 from snnbench.neurons import IFNeuron
 
 # Defaults for sim.chunk=auto (time steps folded into one batch) and sim.channels_last=auto (feature-map layout)
@@ -22,11 +22,12 @@ from snnbench.neurons import IFNeuron
 # integer convolutions (a CPU with AMX, VGG-11) chunk 2, 4, 8 and 16 were within noise of each other.
 DEFAULT_CHUNK = {"cpu": 4, "cuda": 32}
 DEFAULT_CHANNELS_LAST = {"cpu": True, "cuda": False}
-# sim.integer_conv=auto computes in integers the spike-fed convs at least this deep (input channels x kernel
-# taps). On this CPU (AMX, batch 256, docs/performance.md) one conv of depth 144 ran 1.45x slower in integers than
-# in float32, depth 288 0.64-0.81x, 576 0.56-0.80x, 1152 and more 0.05-0.43x; in whole runs the ResNet-20 (depths
-# 144-576) was 10 % slower with every spike-fed conv in integers and the MNIST CNN (288) no faster.
-INTEGER_MIN_DEPTH = 512
+# sim.integer_conv=auto computes in integers the spike-fed convs and linear layers at least this deep (multiply-
+# accumulates per output value: input channels x kernel taps). On this CPU (AMX, batch 256, docs/performance.md)
+# one conv of depth 144 ran 1.45x slower in integers than in float32, depth 288 0.64-0.81x, 576 0.56-0.80x, 1152
+# and more 0.05-0.43x. In whole runs (ResNet-20, T=64, 128 images; simulate time) every spike-fed layer in
+# integers was no faster than none (4.41-4.74 against 4.38-4.50 s), depth >= 512 4.05-4.28 s, >= 256 3.90-4.15 s.
+INTEGER_MIN_DEPTH = 256
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -102,9 +103,9 @@ def memory_format(channels_last, device) -> torch.memory_format:
 
 
 def integer_min_depth(setting, device) -> int | None:
-    """sim.integer_conv (true / false / auto) on `device` as the smallest depth (input channels x kernel taps) of a
-    spike-fed conv that computes in integers, None for none. true: every one (0); auto: INTEGER_MIN_DEPTH on a CPU
-    with AMX, where it was measured; elsewhere it is not measured, so none."""
+    """sim.integer_conv (true / false / auto) on `device` as the smallest depth (multiply-accumulates per output
+    value) of a spike-fed conv or linear layer that computes in integers, None for none. true: every one (0);
+    auto: INTEGER_MIN_DEPTH on a CPU with AMX, where it was measured; elsewhere it is not measured, so none."""
     on_cpu = torch.device(device).type == "cpu"
     if setting in (None, "auto"):
         return INTEGER_MIN_DEPTH if on_cpu and cpu_has_amx() and int8_conv_available() else None
@@ -129,10 +130,10 @@ def _poisson(images: torch.Tensor, steps: int, generator: torch.Generator) -> to
 def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
              progress=None, layout=torch.contiguous_format, integer_min_depth=None) -> SimulationResult:
     """Run T steps on every (images, labels) batch; `chunk` steps are folded into one batch at a time; feature
-    maps in `layout` (a torch.memory_format); the spike-fed convs at least `integer_min_depth` deep compute in
-    integers (None: none)."""
+    maps in `layout` (a torch.memory_format); the spike-fed convs and linear layers at least `integer_min_depth`
+    deep compute in integers (None: none)."""
     model = model.eval().to(device, memory_format=layout)
-    with integer_convolutions(model, integer_min_depth):
+    with integer_layers(model, integer_min_depth):
         neurons = spiking_layers(model)
         correct = torch.zeros(T, dtype=torch.long)
         events = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}

@@ -5,13 +5,19 @@ from torch import nn
 
 from snnbench.convert import fold_batchnorm
 from snnbench.errors import UserError
-from snnbench.integer_conv import IntegerConvolution, int8_conv_available, integer_convolutions, spike_fed_convs
+from snnbench.integer_conv import (
+    IntegerLayer,
+    coefficient_emitters,
+    int8_conv_available,
+    integer_layers,
+    spike_fed_layers,
+)
 from snnbench.methods import spiking_copy
 from snnbench.models.convnet import ConvNet
 from snnbench.models.resnet import ResNet
 from snnbench.neurons import IFNeuron
 from snnbench.restructure import restructure
-from snnbench.simulate import integer_min_depth, simulate, simulate_step_by_step
+from snnbench.simulate import integer_min_depth, simulate, simulate_step_by_step, spiking_layers
 
 needs_int8 = pytest.mark.skipif(not int8_conv_available(), reason="this PyTorch has no oneDNN int8 convolution")
 
@@ -44,20 +50,33 @@ def test_integer_convolution_is_as_near_the_exact_sum_as_float32(case, layout, s
         x = F.avg_pool2d(coefficients((8, 64, 2 * size, 2 * size), -3, 3, 0.3) * threshold, 2)
     x = x.contiguous(memory_format=layout)
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), conv.stride, conv.padding)
-    integer = IntegerConvolution(conv, neuron, area)
+    integer = IntegerLayer(conv, neuron, area)
     with torch.inference_mode():
         got = integer(x)
         float32 = conv(x)
-    assert integer.dense == (size < 4)
+    assert integer.matrix_product == (size < 4)
     assert got.shape == exact.shape
     # three int8 limbs carry as many bits as float32; int32 sums are exact: no worse than float32 summation
     assert relative_error(got, exact) <= max(2 * relative_error(float32, exact), 1e-7)
 
 
 @needs_int8
+@pytest.mark.parametrize("emits_coefficients", [False, True])
+def test_an_integer_linear_layer_after_a_flatten_takes_each_channels_threshold(emits_coefficients):
+    threshold, linear = torch.rand(6) + 0.5, nn.Linear(6 * 3 * 3, 5)
+    neuron = IFNeuron(threshold)
+    neuron.emits_coefficients = emits_coefficients
+    c = coefficients((4, 6, 3, 3), 0, 1, 0.5)
+    carried = c * threshold.view(-1, 1, 1)
+    with torch.inference_mode():
+        got = IntegerLayer(linear, neuron, 1)((c if emits_coefficients else carried).flatten(1))
+        torch.testing.assert_close(got, linear(carried.flatten(1)), rtol=1e-6, atol=1e-6)
+
+
+@needs_int8
 def test_a_new_threshold_is_folded_into_the_weights_again():
     conv, neuron = nn.Conv2d(4, 6, 3, padding=1), IFNeuron(torch.tensor(0.5))
-    integer = IntegerConvolution(conv, neuron, 1)
+    integer = IntegerLayer(conv, neuron, 1)
     c = coefficients((2, 4, 5, 5), 0, 1, 0.5)
     with torch.inference_mode():
         integer(c * 0.5)
@@ -79,26 +98,42 @@ def converted(ann, **knobs):
     return spiking_copy(ann, thresholds, **knobs)
 
 
-def test_convs_fed_by_neurons_directly_or_through_pooling_are_found():
+def test_layers_fed_by_neurons_directly_or_through_pooling_are_found():
     snn = converted(vgg_like())
-    found = {name: area for name, (_, area) in spike_fed_convs(snn).items()}
-    assert found == {"features.4": 4, "features.7": 1, "features.11": 4}  # not features.0: the image feeds it
-    assert spike_fed_convs(converted(vgg_like(), c_max=None, neg_threshold=1.0)) == {}  # |c| has no bound
-    assert set(spike_fed_convs(converted(vgg_like(), c_max=64))) == {"features.7"}  # 64 x 4 > 255
+    found = {name: area for name, (_, area) in spike_fed_layers(snn).items()}
+    # not features.0: the image feeds it; the classifier's linear layers: through a flatten, and directly
+    assert found == {"features.4": 4, "features.7": 1, "features.11": 4, "classifier.1": 1, "classifier.4": 1}
+    assert spike_fed_layers(converted(vgg_like(), c_max=None, neg_threshold=1.0)) == {}  # |c| has no bound
+    assert set(spike_fed_layers(converted(vgg_like(), c_max=64))) == {"features.7", "classifier.1",
+                                                                      "classifier.4"}  # 64 x 4 > 255
 
 
 def test_resnet_convs_after_additions_and_split_neurons_keep_float():
     resnet = ResNet(8, in_channels=3, num_classes=10, mean=[0.5] * 3, std=[0.5] * 3)
     every_block_conv = {f"layer{s}.0.conv{k}" for s in (1, 2, 3) for k in (1, 2)}
-    assert set(spike_fed_convs(converted(resnet))) == every_block_conv
+    snn = converted(resnet)
+    assert set(spike_fed_layers(snn)) == every_block_conv
+    # a block's inner neuron feeds its conv2 alone; the others feed a conv and an addition too
+    inner = {snn.get_submodule(f"layer{s}.0.relu1") for s in (1, 2, 3)}
+    assert coefficient_emitters(snn, every_block_conv) == inner
+    assert coefficient_emitters(snn, every_block_conv - {"layer2.0.conv2"}) == inner - {snn.layer2[0].relu1}
     split = converted(restructure(resnet, "split"))
     # a block's conv1 is fed the previous block's split neuron (its copies summed), except the stem's neuron
-    assert set(spike_fed_convs(split)) == {"layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"}
+    assert set(spike_fed_layers(split)) == {"layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"}
 
 
 def spiking_vgg(**knobs):
     torch.manual_seed(2)
     return converted(vgg_like(), **knobs)
+
+
+def active_vgg(**knobs):
+    """spiking_vgg with mostly positive weights, so that every layer spikes within a few steps."""
+    snn = spiking_vgg(**knobs)
+    for layer in snn.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            layer.weight.data = layer.weight.abs() - 0.5 * layer.weight.abs().mean()
+    return snn
 
 
 def image_batches(n=2, batch=5):
@@ -110,11 +145,11 @@ def image_batches(n=2, batch=5):
 @pytest.mark.parametrize("knobs", [{}, {"neg_threshold": 1.0}, {"c_max": 4, "neg_threshold": 1.0, "v0": 0.5}])
 def test_integer_engine_equals_its_step_by_step_reference(knobs):
     data, T = image_batches(), 9
-    reference = simulate_step_by_step(spiking_vgg(**knobs), data, T, integer_min_depth=0,
+    reference = simulate_step_by_step(active_vgg(**knobs), data, T, integer_min_depth=0,
                                       layout=torch.channels_last)
-    floats = simulate(spiking_vgg(**knobs), data, T, 4, layout=torch.channels_last)
+    floats = simulate(active_vgg(**knobs), data, T, 4, layout=torch.channels_last)
     for chunk in (2, 4, 9):
-        folded = simulate(spiking_vgg(**knobs), data, T, chunk, integer_min_depth=0, layout=torch.channels_last)
+        folded = simulate(active_vgg(**knobs), data, T, chunk, integer_min_depth=0, layout=torch.channels_last)
         assert torch.equal(folded.correct, reference.correct)
         for name in reference.events:
             assert torch.equal(folded.events[name], reference.events[name])
@@ -124,12 +159,32 @@ def test_integer_engine_equals_its_step_by_step_reference(knobs):
 
 
 @needs_int8
+@pytest.mark.parametrize("knobs", [{}, {"neg_threshold": 1.0}, {"c_max": 4, "neg_threshold": 1.0, "v0": 0.5}])
+def test_integer_layers_and_emitted_coefficients_compute_what_the_float_network_does(knobs):
+    snn, (images, _) = active_vgg(**knobs), image_batches(1)[0]
+    neurons = spiking_layers(snn).values()
+
+    def run(min_depth):
+        for neuron in neurons:
+            neuron.reset(len(images), total_steps=6)
+            neuron.steps = 6
+        with torch.inference_mode(), integer_layers(snn, min_depth):
+            return snn(images), [neuron.emits_coefficients for neuron in neurons]
+    floats, emitting = run(None)
+    assert all(neuron.events[-1] > 0 for neuron in neurons)
+    integers, integer_emitting = run(0)
+    assert not any(emitting) and all(integer_emitting)  # every neuron of this network feeds integer layers only
+    torch.testing.assert_close(integers, floats, rtol=1e-5, atol=1e-5)
+    assert not any(neuron.emits_coefficients for neuron in neurons)  # back to emitting c x threshold
+
+
+@needs_int8
 def test_the_model_gets_its_float_convs_back_even_after_an_error():
     snn = spiking_vgg()
     simulate(snn, image_batches(), 3, 2, integer_min_depth=0)
     assert all("forward" not in conv.__dict__ for conv in snn.modules() if isinstance(conv, nn.Conv2d))
-    with pytest.raises(RuntimeError), integer_convolutions(snn):
-        assert isinstance(snn.features[4].forward, IntegerConvolution)
+    with pytest.raises(RuntimeError), integer_layers(snn):
+        assert isinstance(snn.features[4].forward, IntegerLayer)
         raise RuntimeError("interrupted")
     assert "forward" not in snn.features[4].__dict__
 
@@ -147,7 +202,7 @@ def test_only_convs_deep_enough_compute_in_integers():
 
     def patched():
         return {name for name, m in snn.named_modules() if isinstance(m, nn.Conv2d) and "forward" in m.__dict__}
-    with integer_convolutions(snn, min_depth=100):
+    with integer_layers(snn, min_depth=100):
         assert patched() == {"features.7", "features.11"}  # 16 channels x 9 taps; features.4 has 8 x 9 = 72
-    with integer_convolutions(snn, min_depth=None):
+    with integer_layers(snn, min_depth=None):
         assert patched() == set()
