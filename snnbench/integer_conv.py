@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from snnbench.neurons import IFNeuron
+from snnbench.neurons import IFNeuron, trace
 
 LIMBS = 3
 LIMB_RATIO = 254  # each limb's scale over the next: the residual of one limb (<= half a step) fits in int8
@@ -70,14 +70,19 @@ class IntegerLayer:
         batch); again whenever the threshold tensor is replaced (TTRBR's tuning assigns new ones) or the input
         shape changes."""
         layer, threshold = self.layer, self.neuron.threshold
-        if isinstance(layer, nn.Linear) and len(input_shape) != 1:
-            raise ValueError(f"an integer linear layer takes rows of features, got inputs of shape {input_shape}")
-        quantum = _per_input(threshold, layer, input_shape) / self.pooling_area  # what one level carries
+        if len(input_shape) not in (1, 3):
+            raise ValueError(f"an integer layer takes rows of features or maps, got inputs of shape {input_shape}")
+        quantum = _per_input(threshold, input_shape) / self.pooling_area  # what one level carries
         # levels per unit of input: a neuron that emits its coefficients leaves the threshold to the weights, and
         # its coefficients averaged over a power-of-two area scale back to whole numbers exactly, with no rounding
         self.inverse_quantum = self.pooling_area if self.neuron.emits_coefficients else 1.0 / quantum
         self.exact = self.neuron.emits_coefficients and self.pooling_area & (self.pooling_area - 1) == 0
-        weight = layer.weight.detach().double() * quantum.double()
+        weight = layer.weight.detach().double()
+        if isinstance(layer, nn.Linear) and len(input_shape) == 3:
+            # a map whose flatten was skipped: the columns (channel, row, column) taken in channels-last order
+            weight = (weight.view(-1, *input_shape) * quantum.double()).permute(0, 2, 3, 1).reshape(len(weight), -1)
+        else:
+            weight = weight * quantum.double()
         bias = None if layer.bias is None else layer.bias.detach().float()
         # An input with no more positions than the kernel has taps: the conv is one dense matrix product with no
         # more multiply-accumulates, and oneDNN's int8 matrix product is far faster there than its convolution
@@ -143,11 +148,11 @@ def _int8_limbs(weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
     return limbs
 
 
-def _per_input(value: torch.Tensor, layer: nn.Conv2d | nn.Linear, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """`value` (a scalar, or one per channel of the neuron) as it broadcasts over one input of `layer`."""
+def _per_input(value: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """`value` (a scalar, or one per channel of the neuron) as it broadcasts over one input of this shape."""
     if not value.dim():
         return value
-    if isinstance(layer, nn.Linear):  # a flattened map: each channel's value covers its positions' columns
+    if len(input_shape) == 1:  # a flattened map: each channel's value covers its positions' columns
         return value.repeat_interleave(input_shape[0] // len(value))
     return value.view(1, -1, 1, 1)
 
@@ -176,7 +181,7 @@ def spike_fed_layers(model: nn.Module) -> dict[str, tuple[IFNeuron, int]]:
     average pooling (and identities, a flatten before a linear layer): name -> (the neuron, the pooling area).
     Only those whose integer levels fit in 8 bits."""
     modules, found = dict(model.named_modules()), {}
-    for node in _NeuronTracer().trace(model).nodes:
+    for node in trace(model).nodes:
         layer = _module(node, modules)
         if not _integer_capable(layer):
             continue
@@ -196,11 +201,28 @@ def spike_fed_layers(model: nn.Module) -> dict[str, tuple[IFNeuron, int]]:
 def coefficient_emitters(model: nn.Module, integer_layers: set[str]) -> set[IFNeuron]:
     """The neurons of `model` whose output reaches nothing but the named integer layers (through modules that
     pass spikes on): those may emit their coefficients, since the layers fold the threshold into their weights."""
+    return _feeding_only(model, IFNeuron, integer_layers)
+
+
+def skippable_flattens(model: nn.Module, integer_layers: dict[str, nn.Module]) -> set[nn.Flatten]:
+    """The flattens of `model` whose output reaches nothing but integer linear layers: those read the map itself,
+    in channels-last order, which saves the flatten's copy of a channels-last map."""
+    linear = {name for name, layer in integer_layers.items() if isinstance(layer, nn.Linear)}
+    return {flatten for flatten in _feeding_only(model, nn.Flatten, linear) if _passes_spikes(flatten, None)}
+
+
+def _map_or_rows(x: torch.Tensor) -> torch.Tensor:
+    """A skipped flatten's forward: a map stays as it is for the integer linear layer, anything else flattens."""
+    return x if x.dim() == 4 else x.flatten(1)
+
+
+def _feeding_only(model: nn.Module, kind: type, layers: set[str]) -> set[nn.Module]:
+    """The modules of type `kind` whose every call's output reaches nothing but the named layers."""
     modules, verdicts = dict(model.named_modules()), {}
-    for node in _NeuronTracer().trace(model).nodes:
-        if isinstance(neuron := _module(node, modules), IFNeuron):
-            verdicts[neuron] = verdicts.get(neuron, True) and _reaches_only(node, integer_layers, modules)
-    return {neuron for neuron, verdict in verdicts.items() if verdict}
+    for node in trace(model).nodes:
+        if isinstance(module := _module(node, modules), kind):
+            verdicts[module] = verdicts.get(module, True) and _reaches_only(node, layers, modules)
+    return {module for module, verdict in verdicts.items() if verdict}
 
 
 def _reaches_only(node: torch.fx.Node, layers: set[str], modules: dict[str, nn.Module]) -> bool:
@@ -258,30 +280,26 @@ def _pooling_area(pool: nn.AvgPool2d) -> int | None:
     return size[0] * size[1]
 
 
-class _NeuronTracer(torch.fx.Tracer):
-    """Traces a spiking network with its neurons as opaque calls."""
-
-    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, IFNeuron) or super().is_leaf_module(module, name)
-
-
 @contextlib.contextmanager
 def integer_layers(model: nn.Module, min_depth: int | None = 0):
     """Within the block the spike-fed convs and linear layers of `model` at least `min_depth` deep (multiply-
-    accumulates per output value; None: none) compute in integers, and the neurons that feed nothing else emit
-    their coefficients; the float forwards and the neurons' outputs come back after."""
+    accumulates per output value; None: none) compute in integers, the neurons that feed nothing else emit their
+    coefficients, and the flattens before integer linear layers alone pass maps on; all is as before after."""
     sources = {} if min_depth is None else spike_fed_layers(model)
     layers = {name: model.get_submodule(name) for name in sources}
     layers = {name: layer for name, layer in layers.items() if _depth(layer) >= min_depth}
     emitters = coefficient_emitters(model, set(layers)) if layers else set()
+    flattens = skippable_flattens(model, layers) if layers else set()
     for name, layer in layers.items():
         layer.forward = IntegerLayer(layer, *sources[name])
+    for flatten in flattens:
+        flatten.forward = _map_or_rows
     for neuron in emitters:
         neuron.emits_coefficients = True
     try:
         yield
     finally:
-        for layer in layers.values():
-            del layer.forward
+        for module in (*layers.values(), *flattens):
+            del module.forward
         for neuron in emitters:
             neuron.emits_coefficients = False

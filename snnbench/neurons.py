@@ -11,6 +11,7 @@ time steps into the batch dimension; only this module loops over them.
 """
 
 import torch
+import torch.fx
 from torch import nn
 
 
@@ -125,6 +126,17 @@ class IFNeuron(nn.Module):
             counts[1] = counts[0]
         else:
             torch.sum(magnitude.clamp_(max=1), 1, out=counts[1])
+
+
+class _NeuronTracer(torch.fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, IFNeuron) or not any(isinstance(m, IFNeuron) for m in module.modules())
+
+
+def trace(model: nn.Module) -> torch.fx.Graph:
+    """The graph of a spiking network down to its neurons and the modules that hold no neurons, each one opaque
+    module call."""
+    return _NeuronTracer().trace(model)
 
 
 def _per_channel(value: torch.Tensor, sample_dims: int) -> torch.Tensor:

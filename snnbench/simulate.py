@@ -1,6 +1,7 @@
 """The time-stepped engine. Stateless layers (conv, linear, pooling) run once per chunk of time steps folded
 into the batch; only the neurons loop over time. One simulation to T gives the accuracy at every t <= T."""
 
+import contextlib
 import ctypes
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from torch import nn
 from snnbench.convert import device_of
 from snnbench.errors import UserError
 from snnbench.integer_conv import cpu_has_amx, int8_conv_available, integer_layers
-from snnbench.neurons import IFNeuron
+from snnbench.neurons import IFNeuron, trace
 
 # Defaults for sim.chunk=auto (time steps folded into one batch) and sim.channels_last=auto (feature-map layout)
 # on each device, chosen by `snnbench bench` (docs/performance.md). CPU (2 cores), channels-last, time / dense
@@ -115,6 +116,40 @@ def integer_min_depth(setting, device) -> int | None:
     return 0 if setting else None
 
 
+class _LastResult:
+    """A module's forward that returns its last output again when called with the same input tensor (the same
+    object: the images of one batch, or what such a module returned)."""
+
+    def __init__(self, forward):
+        self.forward, self.input, self.output = forward, None, None
+
+    def __call__(self, x):
+        if x is not self.input:
+            self.input, self.output = x, self.forward(x)
+        return self.output
+
+
+@contextlib.contextmanager
+def constant_inputs_computed_once(model: nn.Module):
+    """Within the block the modules between the input and the first neurons (stateless, fed only the input or
+    one another) compute once per input tensor: with direct coding every chunk of a batch feeds the same images,
+    so their currents are computed once per batch, not once per chunk."""
+    modules, constant, memoised = dict(model.named_modules()), set(), []
+    for node in trace(model).nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if node.op == "placeholder" or (module is not None and not isinstance(module, IFNeuron) and
+                                         node.all_input_nodes and set(node.all_input_nodes) <= constant):
+            constant.add(node)
+            if module is not None and module not in memoised:
+                module.forward = _LastResult(module.forward)
+                memoised.append(module)
+    try:
+        yield
+    finally:
+        for module in memoised:
+            del module.forward
+
+
 def placed(x: torch.Tensor, device, layout: torch.memory_format) -> torch.Tensor:
     """`x` on `device`, in `layout` when it is a batch of feature maps."""
     return x.to(device, memory_format=layout) if x.dim() == 4 else x.to(device)
@@ -133,7 +168,8 @@ def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", dev
     maps in `layout` (a torch.memory_format); the spike-fed convs and linear layers at least `integer_min_depth`
     deep compute in integers (None: none)."""
     model = model.eval().to(device, memory_format=layout)
-    with integer_layers(model, integer_min_depth):
+    computed_once = constant_inputs_computed_once if coding == "direct" else contextlib.nullcontext
+    with computed_once(model), integer_layers(model, integer_min_depth):
         neurons = spiking_layers(model)
         correct = torch.zeros(T, dtype=torch.long)
         events = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}

@@ -10,6 +10,7 @@ from snnbench.integer_conv import (
     coefficient_emitters,
     int8_conv_available,
     integer_layers,
+    skippable_flattens,
     spike_fed_layers,
 )
 from snnbench.methods import spiking_copy
@@ -62,14 +63,16 @@ def test_integer_convolution_is_as_near_the_exact_sum_as_float32(case, layout, s
 
 @needs_int8
 @pytest.mark.parametrize("emits_coefficients", [False, True])
-def test_an_integer_linear_layer_after_a_flatten_takes_each_channels_threshold(emits_coefficients):
+@pytest.mark.parametrize("flatten_skipped", [False, True])  # the map itself, read in channels-last order
+def test_an_integer_linear_layer_after_a_flatten_takes_each_channels_threshold(emits_coefficients, flatten_skipped):
     threshold, linear = torch.rand(6) + 0.5, nn.Linear(6 * 3 * 3, 5)
     neuron = IFNeuron(threshold)
     neuron.emits_coefficients = emits_coefficients
-    c = coefficients((4, 6, 3, 3), 0, 1, 0.5)
+    c = coefficients((4, 6, 3, 3), 0, 1, 0.5).contiguous(memory_format=torch.channels_last)
     carried = c * threshold.view(-1, 1, 1)
+    given = c if emits_coefficients else carried
     with torch.inference_mode():
-        got = IntegerLayer(linear, neuron, 1)((c if emits_coefficients else carried).flatten(1))
+        got = IntegerLayer(linear, neuron, 1)(given if flatten_skipped else given.flatten(1))
         torch.testing.assert_close(got, linear(carried.flatten(1)), rtol=1e-6, atol=1e-6)
 
 
@@ -178,6 +181,14 @@ def test_integer_layers_and_emitted_coefficients_compute_what_the_float_network_
     assert not any(neuron.emits_coefficients for neuron in neurons)  # back to emitting c x threshold
 
 
+def test_only_flattens_that_feed_integer_linear_layers_alone_are_skipped():
+    snn = spiking_vgg()
+    assert skippable_flattens(snn, {"classifier.1": snn.classifier[1]}) == {snn.classifier[0]}
+    assert skippable_flattens(snn, {"features.11": snn.features[11]}) == set()
+    spiking = nn.Sequential(nn.Flatten(), IFNeuron(torch.tensor(0.5)), nn.Linear(4, 2))  # a neuron between
+    assert skippable_flattens(spiking, {"2": spiking[2]}) == set()
+
+
 @needs_int8
 def test_the_model_gets_its_float_convs_back_even_after_an_error():
     snn = spiking_vgg()
@@ -185,8 +196,10 @@ def test_the_model_gets_its_float_convs_back_even_after_an_error():
     assert all("forward" not in conv.__dict__ for conv in snn.modules() if isinstance(conv, nn.Conv2d))
     with pytest.raises(RuntimeError), integer_layers(snn):
         assert isinstance(snn.features[4].forward, IntegerLayer)
+        assert "forward" in snn.classifier[0].__dict__  # the flatten before the integer classifier: skipped
         raise RuntimeError("interrupted")
-    assert "forward" not in snn.features[4].__dict__
+    assert all("forward" not in module.__dict__ for module in snn.modules())
+    assert not any(neuron.emits_coefficients for neuron in spiking_layers(snn).values())
 
 
 def test_integer_conv_setting():

@@ -43,6 +43,25 @@ def test_channels_last_layout_gives_the_reference_results(coding):
         torch.testing.assert_close(nhwc.units[name], reference.units[name])
 
 
+class CountingConv(nn.Conv2d):
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("coding", ["direct", "poisson"])
+def test_with_direct_coding_the_first_layer_computes_once_per_batch(coding):
+    net, data = spiking_net(), batches()
+    first, net[0] = net[0], CountingConv(1, 4, 3, padding=1)
+    net[0].load_state_dict(first.state_dict())
+    net[0].calls = 0
+    result = simulate(net, data, 8, chunk=2, coding=coding, seed=3)
+    assert net[0].calls == len(data) * (1 if coding == "direct" else 4)  # 4 chunks per batch
+    assert "forward" not in net[0].__dict__  # its own forward back after the run
+    same = simulate(spiking_net(), data, 8, chunk=2, coding=coding, seed=3)
+    assert torch.equal(result.correct, same.correct) and torch.equal(result.events["1"], same.events["1"])
+
+
 def test_accuracy_curve_from_one_run_equals_shorter_runs():
     data = batches()
     full = simulate(spiking_net(), data, 12, chunk=4)
