@@ -41,6 +41,7 @@ from snnbench.report import console, write_csv
 from snnbench.simulate import (
     activation_elements,
     choose_chunk,
+    choose_sub_batch,
     integer_min_depth,
     memory_format,
     placed,
@@ -71,6 +72,7 @@ class Workload:
     batches: list       # [(images, labels)]: the timed test batches
     calibration: list   # training-split images, for SpikingJelly's own threshold calibration
     T: int
+    sub_batch: int
     chunk: int
     channels_last: bool  # the feature maps' layout, for snnbench, the reference and the floor alike
     integer_min_depth: int | None  # spike-fed layers in integers, for snnbench and the reference (not the ANN's)
@@ -105,23 +107,24 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
     snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images).cpu()
     batches = list(loader(splits.test, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
-    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
+    sub_batch = choose_sub_batch(cfg.sim.sub_batch, cfg.sim.batch_size, device)
+    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, sub_batch, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
     layout = memory_format(cfg.sim.channels_last, device)
     min_depth = integer_min_depth(cfg.sim.integer_conv, device)
-    work = Workload(ann, folded.cpu(), snn, batches, images, cfg.sim.T, chunk, layout == torch.channels_last,
-                    min_depth, cfg.sim.coding, device, cfg.seed)
+    work = Workload(ann, folded.cpu(), snn, batches, images, cfg.sim.T, sub_batch, chunk,
+                    layout == torch.channels_last, min_depth, cfg.sim.coding, device, cfg.seed)
     num_images = sum(len(labels) for _, labels in batches)
-    log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d steps per chunk, device %s, %d threads",
-             cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, chunk,
-             device, torch.get_num_threads())
+    log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d images x %d steps at a time, device %s, "
+             "%d threads", cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images,
+             cfg.sim.batch_size, sub_batch, chunk, device, torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="snnbench-bench-") as folder:
         path = Path(folder) / "workload.pt"
         torch.save(work, path)
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
     integer = "" if min_depth is None else f", integer layers of depth >= {min_depth}"
-    setting = f"chunk {chunk}, {LAYOUT_NAMES[layout]}{integer}"
+    setting = f"{sub_batch} images x {chunk} steps at a time, {LAYOUT_NAMES[layout]}{integer}"
     show_bench(frame, results, cfg, setting, num_images)
     if out is not None:
         write_csv(out, frame)
@@ -296,17 +299,17 @@ def _peak_rss() -> int:
 def _snnbench(work: Workload) -> dict:
     def run():
         result = simulate(work.snn, work.batches, work.T, work.chunk, work.coding, work.device, work.seed,
-                          layout=work.layout, integer_min_depth=work.integer_min_depth)
+                          layout=work.layout, integer_min_depth=work.integer_min_depth, sub_batch=work.sub_batch)
         return result.correct.tolist()
-    return {f"chunk {work.chunk}": run}
+    return {f"{work.sub_batch} x {work.chunk}": run}
 
 
 def _reference(work: Workload) -> dict:
     def run():
         result = simulate_step_by_step(work.snn, work.batches, work.T, work.coding, work.device, work.seed,
-                                       work.layout, work.integer_min_depth)
+                                       work.layout, work.integer_min_depth, work.sub_batch)
         return result.correct.tolist()
-    return {"chunk 1": run}
+    return {f"{work.sub_batch} x 1": run}
 
 
 def _ann_floor(work: Workload) -> dict:

@@ -19,9 +19,11 @@ import contextlib
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from snnbench.neurons import IFNeuron, trace
@@ -55,10 +57,11 @@ def int8_conv_available() -> bool:
 
 class IntegerLayer:
     """The forward of `layer` (a Conv2d or a Linear) for inputs that are whole multiples of what `neuron` emits
-    per coefficient (its threshold, or 1 when it emits coefficients) divided by `pooling_area`."""
+    per coefficient (its threshold, or 1 when it emits coefficients) divided by `pooling_area`; or, `summed`, the
+    sums of its coefficients (poolings that sum after a neuron that emits them)."""
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, neuron: IFNeuron, pooling_area: int):
-        self.layer, self.neuron, self.pooling_area = layer, neuron, pooling_area
+    def __init__(self, layer: nn.Conv2d | nn.Linear, neuron: IFNeuron, pooling_area: int, summed: bool = False):
+        self.layer, self.neuron, self.pooling_area, self.summed = layer, neuron, pooling_area, summed
         # negative events (c < 0) ride on a zero point: uint8 = c + 128
         self.zero_point = 0 if neuron.neg_threshold is None else 128
         if isinstance(layer, nn.Conv2d):  # oneDNN's argument order
@@ -73,10 +76,10 @@ class IntegerLayer:
         if len(input_shape) not in (1, 3):
             raise ValueError(f"an integer layer takes rows of features or maps, got inputs of shape {input_shape}")
         quantum = _per_input(threshold, input_shape) / self.pooling_area  # what one level carries
-        # levels per unit of input: a neuron that emits its coefficients leaves the threshold to the weights, and
-        # its coefficients averaged over a power-of-two area scale back to whole numbers exactly, with no rounding
-        self.inverse_quantum = self.pooling_area if self.neuron.emits_coefficients else 1.0 / quantum
-        self.exact = self.neuron.emits_coefficients and self.pooling_area & (self.pooling_area - 1) == 0
+        # levels per unit of input (None: the input is the levels): a neuron that emits its coefficients leaves
+        # the threshold to the weights, and poolings that sum leave nothing to divide
+        emits = self.neuron.emits_coefficients
+        self.inverse_quantum = None if emits and self.summed else self.pooling_area if emits else 1.0 / quantum
         weight = layer.weight.detach().double()
         if isinstance(layer, nn.Linear) and len(input_shape) == 3:
             # a map whose flatten was skipped: the columns (channel, row, column) taken in channels-last order
@@ -107,12 +110,8 @@ class IntegerLayer:
         shape = tuple(x.shape[1:])
         if self.packed_threshold is not self.neuron.threshold or self.packed_shape != shape:
             self._pack(shape)
-        levels = torch.mul(x, self.inverse_quantum)
-        if not self.exact:
-            levels.round_()
-        if self.zero_point:
-            levels += self.zero_point
-        levels = levels.to(torch.uint8)
+        levels = x if self.inverse_quantum is None else torch.mul(x, self.inverse_quantum).round_()
+        levels = (levels + self.zero_point if self.zero_point else levels).to(torch.uint8)
         if not self.matrix_product:
             return self._sum_limbs(functools.partial(torch.ops.onednn.qconv2d_pointwise, levels), self.geometry)
         # a conv's map goes in as rows of (position, channel) in channels-last order and comes out the same
@@ -176,26 +175,55 @@ def _dense_matrix(conv: nn.Conv2d, weight: torch.Tensor, input_size: tuple[int, 
     return matrix.reshape(rows * cols * conv.out_channels, height * width * conv.in_channels)
 
 
-def spike_fed_layers(model: nn.Module) -> dict[str, tuple[IFNeuron, int]]:
+class SpikeSource(NamedTuple):
+    """Where a layer's input comes from: a neuron's output through average poolings (and identities)."""
+    neuron: IFNeuron
+    pooling_area: int                  # the product of the poolings' areas
+    poolings: tuple[nn.AvgPool2d, ...]
+
+
+def spike_fed_layers(model: nn.Module) -> dict[str, SpikeSource]:
     """The convs and linear layers of `model` whose input is the output of an IF neuron, directly or through
-    average pooling (and identities, a flatten before a linear layer): name -> (the neuron, the pooling area).
-    Only those whose integer levels fit in 8 bits."""
+    average pooling (and identities, a flatten before a linear layer), by name. Only those whose integer levels
+    fit in 8 bits."""
     modules, found = dict(model.named_modules()), {}
     for node in trace(model).nodes:
         layer = _module(node, modules)
-        if not _integer_capable(layer):
-            continue
-        source, area = node.args[0], 1
-        while (module := _module(source, modules)) is not None:
-            if isinstance(module, IFNeuron):
-                if _levels_fit(module, area):
-                    found[node.target] = (module, area)
-                break
-            if not _passes_spikes(module, layer):
-                break
-            area *= _pooling_area(module) if isinstance(module, nn.AvgPool2d) else 1
-            source = source.args[0]
+        if _integer_capable(layer) and (source := _spike_source(node, modules, layer)):
+            if _levels_fit(source.neuron, source.pooling_area):
+                found[node.target] = source
     return found
+
+
+def _spike_source(node: torch.fx.Node, modules: dict[str, nn.Module], layer: nn.Module | None) -> SpikeSource | None:
+    """The neuron whose output reaches `node` through modules that pass spikes on to `layer` (None: any layer)."""
+    source, poolings = node.args[0], []
+    while (module := _module(source, modules)) is not None:
+        if isinstance(module, IFNeuron):
+            return SpikeSource(module, math.prod(_pooling_area(pool) for pool in poolings), tuple(poolings))
+        if not _passes_spikes(module, layer):
+            return None
+        if isinstance(module, nn.AvgPool2d):
+            poolings.append(module)
+        source = source.args[0]
+    return None
+
+
+def summing_poolings(model: nn.Module, emitters: set[IFNeuron]) -> set[nn.AvgPool2d]:
+    """The average poolings of `model` fed by neurons that emit their coefficients, at every call: those may sum
+    rather than average, so that the integer layers after them receive whole levels."""
+    modules, verdicts = dict(model.named_modules()), {}
+    for node in trace(model).nodes:
+        if isinstance(pool := _module(node, modules), nn.AvgPool2d):
+            source = _spike_source(node, modules, None) if _passes_spikes(pool, None) else None
+            verdicts[pool] = verdicts.get(pool, True) and source is not None and source.neuron in emitters
+    return {pool for pool, verdict in verdicts.items() if verdict}
+
+
+def _summing(pool: nn.AvgPool2d):
+    """`pool`'s forward with the sum of each window instead of its average."""
+    return functools.partial(F.avg_pool2d, kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                             ceil_mode=pool.ceil_mode, count_include_pad=pool.count_include_pad, divisor_override=1)
 
 
 def coefficient_emitters(model: nn.Module, integer_layers: set[str]) -> set[IFNeuron]:
@@ -283,15 +311,21 @@ def _pooling_area(pool: nn.AvgPool2d) -> int | None:
 @contextlib.contextmanager
 def integer_layers(model: nn.Module, min_depth: int | None = 0):
     """Within the block the spike-fed convs and linear layers of `model` at least `min_depth` deep (multiply-
-    accumulates per output value; None: none) compute in integers, the neurons that feed nothing else emit their
-    coefficients, and the flattens before integer linear layers alone pass maps on; all is as before after."""
+    accumulates per output value; None: none) compute in integers; the neurons that feed nothing else emit their
+    coefficients, the poolings after those sum, and the flattens before integer linear layers alone pass maps on.
+    All is as before after the block."""
     sources = {} if min_depth is None else spike_fed_layers(model)
     layers = {name: model.get_submodule(name) for name in sources}
     layers = {name: layer for name, layer in layers.items() if _depth(layer) >= min_depth}
     emitters = coefficient_emitters(model, set(layers)) if layers else set()
+    poolings = summing_poolings(model, emitters) if emitters else set()
     flattens = skippable_flattens(model, layers) if layers else set()
     for name, layer in layers.items():
-        layer.forward = IntegerLayer(layer, *sources[name])
+        source = sources[name]
+        layer.forward = IntegerLayer(layer, source.neuron, source.pooling_area,
+                                     summed=source.neuron in emitters and poolings.issuperset(source.poolings))
+    for pool in poolings:
+        pool.forward = _summing(pool)
     for flatten in flattens:
         flatten.forward = _map_or_rows
     for neuron in emitters:
@@ -299,7 +333,7 @@ def integer_layers(model: nn.Module, min_depth: int | None = 0):
     try:
         yield
     finally:
-        for module in (*layers.values(), *flattens):
+        for module in (*layers.values(), *poolings, *flattens):
             del module.forward
         for neuron in emitters:
             neuron.emits_coefficients = False

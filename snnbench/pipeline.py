@@ -22,6 +22,7 @@ from snnbench.restructure import KINDS as RESTRUCTURINGS
 from snnbench.simulate import (
     activation_elements,
     choose_chunk,
+    choose_sub_batch,
     integer_min_depth,
     memory_format,
     reuse_freed_memory,
@@ -47,8 +48,9 @@ def validate(cfg: DictConfig):
     positive_int("train.num_samples", cfg.train.num_samples, allow_none=True)
     positive_int("calibrate.batch_size", cfg.calibrate.batch_size)
     positive_int("calibrate.num_batches", cfg.calibrate.num_batches)
-    if cfg.sim.chunk != "auto":
-        positive_int("sim.chunk", cfg.sim.chunk)
+    for key in ("sub_batch", "chunk"):
+        if cfg.sim[key] != "auto":
+            positive_int(f"sim.{key}", cfg.sim[key], example=16)
     for key, value in (("epochs", cfg.train.epochs), ("warmup_epochs", cfg.train.get("warmup_epochs") or 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"train.{key} must be a non-negative integer, got {value!r}")
@@ -236,17 +238,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times["time_convert_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, cfg.sim.batch_size, activation_elements(snn, images[0]),
+    sub_batch = choose_sub_batch(cfg.sim.sub_batch, cfg.sim.batch_size, device)
+    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, sub_batch, activation_elements(snn, images[0]),
                          cfg.sim.max_memory_mb, device)
     layout = memory_format(cfg.sim.channels_last, device)
     min_depth = integer_min_depth(cfg.sim.integer_conv, device)
-    log.info("simulating %s for T=%d (%s coding, %d steps per chunk%s)", cfg.method.name, cfg.sim.T, cfg.sim.coding,
-             chunk, "" if min_depth is None else f", integer layers of depth >= {min_depth}")
+    log.info("simulating %s for T=%d (%s coding, %d images x %d steps at a time%s)", cfg.method.name, cfg.sim.T,
+             cfg.sim.coding, sub_batch, chunk, "" if min_depth is None else f", integer layers of depth >= {min_depth}")
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
         result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
                           progress=lambda k: bar.update(task, advance=k), layout=layout,
-                          integer_min_depth=min_depth)
+                          integer_min_depth=min_depth, sub_batch=sub_batch)
     times["time_simulate_s"] = time.perf_counter() - clock
 
     accuracy, layers = tabulate(cfg, result, calibration, snn, fan, macs)
@@ -257,7 +260,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "num_test_images": result.num_images, "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
-        "chunk": chunk, "channels_last": layout == torch.channels_last,
+        "sub_batch": sub_batch, "chunk": chunk, "channels_last": layout == torch.channels_last,
         "integer_conv_min_depth": min_depth, "macs_per_image": macs_per_image,
         "events_per_image": float(accuracy.events_per_image.iloc[-1]),
         "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),

@@ -14,14 +14,18 @@ from snnbench.errors import UserError
 from snnbench.integer_conv import cpu_has_amx, int8_conv_available, integer_layers
 from snnbench.neurons import IFNeuron, trace
 
-# Defaults for sim.chunk=auto (time steps folded into one batch) and sim.channels_last=auto (feature-map layout)
-# on each device, chosen by `snnbench bench` (docs/performance.md). CPU (2 cores), channels-last, time / dense
-# floor for chunk 1, 2, 4, 8: MNIST CNN (T=64) 1.36, 0.81, 0.66, 0.60; VGG-11 (T=32) at chunk 2, 4, 8: 1.10, 1.10,
-# 1.17. Channels-last (NHWC) made the engine 26-56 % faster than the standard layout (same benches, chunk 4):
-# oneDNN's convolutions and, above all, average pooling are faster. CUDA (one H200, MNIST CNN, T=64, batch 64):
-# chunk 1, 8, 32, 64 gave 70k, 218k, 245k, 237k image-steps/s; the layout there is not measured yet. With the
-# integer convolutions (a CPU with AMX, VGG-11) chunk 2, 4, 8 and 16 were within noise of each other.
-DEFAULT_CHUNK = {"cpu": 4, "cuda": 32}
+# Defaults for sim.sub_batch=auto (images simulated at once), sim.chunk=auto (time steps folded into one batch)
+# and sim.channels_last=auto (feature-map layout) on each device, chosen by `snnbench bench` and by alternated runs
+# in one process (docs/performance.md). CPU (2 cores, AMX), time / dense floor at batch 64, images x steps per
+# block: MNIST CNN (T=64) 64x4 1.09-1.23, 32x8 1.10, 16x4 1.18, 16x8 1.05-1.12, 16x16 1.04-1.10, 8x16 1.12, 8x32
+# 1.21; ResNet-20 (T=64) 64x4 1.31, 32x8 1.22, 16x16 1.20; VGG-11 (T=32) 64x4 0.39, 32x8 0.39, 16x16 0.40, 8x32
+# 0.38, 8x8 0.45. A block of 16 images keeps a layer's membranes near the cores' caches (1.6 MB for the MNIST
+# CNN's first layer); 16 steps keep 256 images for the convolutions. Channels-last (NHWC) made the engine 26-56 %
+# faster than the standard layout (chunk 4): oneDNN's convolutions and, above all, average pooling are faster.
+# CUDA (one H200, MNIST CNN, T=64, whole batches of 64): chunk 1, 8, 32, 64 gave 70k, 218k, 245k, 237k
+# image-steps/s; the layout and blocks of images there are not measured yet.
+DEFAULT_SUB_BATCH = {"cpu": 16, "cuda": None}  # None: the whole batch
+DEFAULT_CHUNK = {"cpu": 16, "cuda": 32}
 DEFAULT_CHANNELS_LAST = {"cpu": True, "cuda": False}
 # sim.integer_conv=auto computes in integers the spike-fed convs and linear layers at least this deep (multiply-
 # accumulates per output value: input channels x kernel taps). On this CPU (AMX, batch 256, docs/performance.md)
@@ -87,11 +91,18 @@ def memory_budget_mb(max_memory_mb, device) -> float:
     return 0.5 * psutil.virtual_memory().available / 2**20
 
 
-def choose_chunk(chunk, T: int, batch_size: int, elements_per_image: int, max_memory_mb, device) -> int:
-    """Time steps per folded chunk: the configured number, or the device default, capped by memory."""
+def choose_sub_batch(sub_batch, batch_size: int, device) -> int:
+    """Images simulated at once: the configured number or the device default, at most the batch."""
+    size = DEFAULT_SUB_BATCH[torch.device(device).type] if sub_batch in (None, "auto") else int(sub_batch)
+    return min(size or batch_size, batch_size)
+
+
+def choose_chunk(chunk, T: int, images: int, elements_per_image: int, max_memory_mb, device) -> int:
+    """Time steps per folded chunk of `images` images: the configured number, or the device default, capped by
+    memory."""
     steps = DEFAULT_CHUNK[torch.device(device).type] if chunk in (None, "auto") else int(chunk)
     # activations of a chunk: about twice the leaf outputs (inputs and outputs live at once), float32
-    per_step_mb = 2 * 4 * elements_per_image * batch_size / 2**20
+    per_step_mb = 2 * 4 * elements_per_image * images / 2**20
     fits = max(1, int(memory_budget_mb(max_memory_mb, device) // max(per_step_mb, 1e-9)))
     return max(1, min(steps, fits, T))
 
@@ -161,12 +172,22 @@ def _poisson(images: torch.Tensor, steps: int, generator: torch.Generator) -> to
     return (draws < images).to(images.dtype).flatten(0, 1)
 
 
+def _parts(batches, size: int | None, device, layout):
+    """Each (images, labels) batch on the device, in parts of at most `size` images (None: whole)."""
+    for images, labels in batches:
+        images, labels = placed(images, device, layout), labels.to(device)
+        size_here = size or len(labels)
+        for first in range(0, len(labels), size_here):
+            yield images[first:first + size_here], labels[first:first + size_here]
+
+
 @torch.inference_mode()
 def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
-             progress=None, layout=torch.contiguous_format, integer_min_depth=None) -> SimulationResult:
-    """Run T steps on every (images, labels) batch; `chunk` steps are folded into one batch at a time; feature
-    maps in `layout` (a torch.memory_format); the spike-fed convs and linear layers at least `integer_min_depth`
-    deep compute in integers (None: none)."""
+             progress=None, layout=torch.contiguous_format, integer_min_depth=None,
+             sub_batch: int | None = None) -> SimulationResult:
+    """Run T steps on every (images, labels) batch, `sub_batch` images at a time (None: the whole batch); `chunk`
+    steps are folded into one batch at a time; feature maps in `layout` (a torch.memory_format); the spike-fed
+    convs and linear layers at least `integer_min_depth` deep compute in integers (None: none)."""
     model = model.eval().to(device, memory_format=layout)
     computed_once = constant_inputs_computed_once if coding == "direct" else contextlib.nullcontext
     with computed_once(model), integer_layers(model, integer_min_depth):
@@ -176,8 +197,7 @@ def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", dev
         units = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
         generator = torch.Generator(device=device).manual_seed(seed)
         num_images = 0
-        for images, labels in batches:
-            images, labels = placed(images, device, layout), labels.to(device)
+        for images, labels in _parts(batches, sub_batch, device, layout):
             batch = images.shape[0]
             for neuron in neurons.values():
                 neuron.reset(batch, T)
@@ -203,7 +223,9 @@ def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", dev
 
 
 def simulate_step_by_step(model, batches, T: int, coding="direct", device="cpu", seed=0,
-                          layout=torch.contiguous_format, integer_min_depth=None) -> SimulationResult:
-    """The test oracle: one full network pass per time step, nothing folded."""
+                          layout=torch.contiguous_format, integer_min_depth=None,
+                          sub_batch: int | None = None) -> SimulationResult:
+    """The test oracle: one full network pass per time step, nothing folded (the same parts of each batch, so
+    that Poisson coding draws the same spikes)."""
     return simulate(model, batches, T, chunk=1, coding=coding, device=device, seed=seed, layout=layout,
-                    integer_min_depth=integer_min_depth)
+                    integer_min_depth=integer_min_depth, sub_batch=sub_batch)

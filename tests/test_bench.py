@@ -35,7 +35,7 @@ def test_bench_writes_one_row_per_engine(tmp_path):
 def workload(model) -> Workload:
     images = torch.rand(4, 3, 32, 32)
     return Workload(ann=model.eval(), folded=model, snn=model, batches=[(images, torch.arange(4))],
-                    calibration=[images], T=2, chunk=2, channels_last=False, integer_min_depth=None,
+                    calibration=[images], T=2, sub_batch=4, chunk=2, channels_last=False, integer_min_depth=None,
                     coding="direct", device="cpu", seed=0)
 
 

@@ -132,6 +132,8 @@ def test_missing_checkpoint_is_named(cfg, tmp_path):
     ("sim.split", "val", "sim.split must be one of test, train, got 'val'"),
     ("sim.channels_last", "yes", "sim.channels_last must be auto, true or false, got 'yes'"),
     ("sim.integer_conv", "int8", "sim.integer_conv must be auto, true or false, got 'int8'"),
+    ("sim.sub_batch", 0, "sim.sub_batch must be a positive integer, got 0: set e.g. sim.sub_batch=16"),
+    ("sim.chunk", "all", "sim.chunk must be a positive integer, got 'all': set e.g. sim.chunk=16"),
     ("train.num_samples", 0,
      "train.num_samples must be a positive integer, got 0: set e.g. train.num_samples=32"),
 ])

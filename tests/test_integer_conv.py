@@ -103,7 +103,7 @@ def converted(ann, **knobs):
 
 def test_layers_fed_by_neurons_directly_or_through_pooling_are_found():
     snn = converted(vgg_like())
-    found = {name: area for name, (_, area) in spike_fed_layers(snn).items()}
+    found = {name: source.pooling_area for name, source in spike_fed_layers(snn).items()}
     # not features.0: the image feeds it; the classifier's linear layers: through a flatten, and directly
     assert found == {"features.4": 4, "features.7": 1, "features.11": 4, "classifier.1": 1, "classifier.4": 1}
     assert spike_fed_layers(converted(vgg_like(), c_max=None, neg_threshold=1.0)) == {}  # |c| has no bound
@@ -179,6 +179,44 @@ def test_integer_layers_and_emitted_coefficients_compute_what_the_float_network_
     assert not any(emitting) and all(integer_emitting)  # every neuron of this network feeds integer layers only
     torch.testing.assert_close(integers, floats, rtol=1e-5, atol=1e-5)
     assert not any(neuron.emits_coefficients for neuron in neurons)  # back to emitting c x threshold
+
+
+class SharedPooling(nn.Module):
+    """One pooling module after two neurons: the first feeds an integer conv alone, the second a mean too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.neuron1 = nn.Conv2d(1, 8, 3, padding=1), IFNeuron(torch.tensor(0.3))
+        self.pool, self.conv2 = nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, padding=1)
+        self.neuron2 = IFNeuron(torch.tensor(0.2))
+        self.linear = nn.Linear(8 * 2 * 2, 4)
+        for layer in (self.conv1, self.conv2, self.linear):
+            layer.weight.data = layer.weight.abs() - 0.5 * layer.weight.abs().mean()
+
+    def forward(self, x):
+        spikes = self.neuron2(self.conv2(self.pool(self.neuron1(self.conv1(x)))))
+        return self.linear(self.pool(spikes).flatten(1)) + spikes.mean()
+
+
+@needs_int8
+def test_poolings_after_emitting_neurons_sum_and_a_shared_one_keeps_averaging():
+    (images, _), outputs = image_batches(1)[0], []
+    for min_depth in (None, 0):
+        torch.manual_seed(0)
+        snn = SharedPooling()
+        for neuron in spiking_layers(snn).values():
+            neuron.reset(len(images), total_steps=4)
+            neuron.steps = 4
+        with torch.inference_mode(), integer_layers(snn, min_depth):
+            outputs.append(snn(images))
+            if min_depth is not None:
+                assert snn.neuron1.emits_coefficients and not snn.neuron2.emits_coefficients
+                assert "forward" not in snn.pool.__dict__ and not snn.conv2.forward.summed
+        assert snn.neuron2.events.sum() > 0
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    vgg = spiking_vgg()
+    with integer_layers(vgg, 0):
+        assert vgg.features[4].forward.summed and "forward" in vgg.features[3].__dict__
 
 
 def test_only_flattens_that_feed_integer_linear_layers_alone_are_skipped():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from snnbench.neurons import IFNeuron
-from snnbench.simulate import choose_chunk, memory_budget_mb, simulate, simulate_step_by_step
+from snnbench.simulate import choose_chunk, choose_sub_batch, memory_budget_mb, simulate, simulate_step_by_step
 
 
 def batches(n=3, batch=5, shape=(1, 6, 6)):
@@ -30,6 +30,25 @@ def test_one_simulation_equals_step_by_step_reference(knobs, coding):
         for name in reference.events:
             torch.testing.assert_close(folded.events[name], reference.events[name])
             torch.testing.assert_close(folded.units[name], reference.units[name])
+
+
+@pytest.mark.parametrize("coding", ["direct", "poisson"])
+def test_parts_of_each_batch_at_a_time_give_the_reference_results(coding):
+    data, T = batches(batch=7), 9
+    reference = simulate_step_by_step(spiking_net(), data, T, coding=coding, seed=3, sub_batch=3)
+    parts = simulate(spiking_net(), data, T, 4, coding=coding, seed=3, sub_batch=3)  # 3 + 3 + 1 images
+    assert torch.equal(parts.correct, reference.correct) and parts.num_images == 21
+    for name in reference.events:
+        torch.testing.assert_close(parts.events[name], reference.events[name])
+    if coding == "direct":  # every image alike, whatever the parts (Poisson draws follow them)
+        whole = simulate(spiking_net(), data, T, 4)
+        assert torch.equal(parts.correct, whole.correct) and torch.equal(parts.events["1"], whole.events["1"])
+
+
+def test_sub_batch_is_at_most_the_batch():
+    assert choose_sub_batch("auto", 64, "cpu") == 16
+    assert choose_sub_batch("auto", 64, "cuda") == 64  # whole batches on a GPU
+    assert choose_sub_batch(32, 8, "cpu") == 8
 
 
 @pytest.mark.parametrize("coding", ["direct", "poisson"])
