@@ -33,7 +33,7 @@ LIMB_RATIO = 254  # each limb's scale over the next: the residual of one limb (<
 
 
 def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX tiles, where the integer convolution was measured faster than float32."""
+    """Whether the CPU has AMX tiles, where the integer layers were measured faster than float32."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
