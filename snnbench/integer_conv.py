@@ -76,10 +76,11 @@ class IntegerLayer:
         if len(input_shape) not in (1, 3):
             raise ValueError(f"an integer layer takes rows of features or maps, got inputs of shape {input_shape}")
         quantum = _per_input(threshold, input_shape) / self.pooling_area  # what one level carries
-        # levels per unit of input (None: the input is the levels): a neuron that emits its coefficients leaves
-        # the threshold to the weights, and poolings that sum leave nothing to divide
-        emits = self.neuron.emits_coefficients
-        self.inverse_quantum = None if emits and self.summed else self.pooling_area if emits else 1.0 / quantum
+        # levels per unit of input (None: the input is the levels)
+        if not self.neuron.emits_coefficients:
+            self.inverse_quantum = 1.0 / quantum
+        else:  # the threshold is left to the weights, and poolings that sum leave nothing to divide
+            self.inverse_quantum = None if self.summed else self.pooling_area
         weight = layer.weight.detach().double()
         if isinstance(layer, nn.Linear) and len(input_shape) == 3:
             # a map whose flatten was skipped: the columns (channel, row, column) taken in channels-last order

@@ -74,12 +74,12 @@ def show_run(summary: dict, accuracy: pd.DataFrame):
 RUN_MARKERS = ("summary.json", "error.json", ".hydra")  # a folder holding any of these is a run
 SUMMARY_COLUMNS = ("ann_accuracy", "T", "num_test_images", "split", "coding", "macs_per_image", "checkpoint_sha256")
 FAILED_COLUMNS = ("run", "status", "error")
-# overrides that say where a run keeps its files or how fast it goes, not what it computes: report.csv keeps them,
-# the pivot's column labels leave them out
 # one marker shape per line, drawn hollow: lines that coincide (methods that agree) stay visible on top of each other
 MARKERS = "osD^v<>ph*"
+# overrides that say where a run keeps its files or how fast it goes, not what it computes: report.csv keeps them,
+# the pivot's column labels leave them out
 NOT_PARAMETERS = ("cache_dir", "dataset.root", "dataset.download", "dataset.verify", "device", "sim.batch_size",
-                  "sim.chunk", "sim.max_memory_mb", "train.num_workers")
+                  "sim.sub_batch", "sim.chunk", "sim.max_memory_mb", "train.num_workers")
 
 
 def _natural(path: Path):
