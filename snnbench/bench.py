@@ -39,10 +39,7 @@ from snnbench.models.normalize import Normalize
 from snnbench.pipeline import calibrate_stage, calibration_images, prepare_ann, resolve_device, validate
 from snnbench.report import console, write_csv
 from snnbench.simulate import (
-    activation_elements,
-    choose_chunk,
-    choose_sub_batch,
-    integer_min_depth,
+    engine_settings,
     memory_format,
     placed,
     reuse_freed_memory,
@@ -55,8 +52,6 @@ log = logging.getLogger("snnbench")
 ENGINES = ("snnbench", "reference", "ann_floor", "spikingjelly")
 COLUMNS = ["engine", "model", "T", "batch_size", "device", "image_steps_per_s", "peak_mem_mb", "accuracy",
            "ratio_to_floor"]
-
-LAYOUT_NAMES = {torch.channels_last: "channels-last", torch.contiguous_format: "standard layout"}
 
 
 class Unsupported(Exception):
@@ -107,24 +102,18 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
     snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images).cpu()
     batches = list(loader(splits.test, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
-    sub_batch = choose_sub_batch(cfg.sim.sub_batch, cfg.sim.batch_size, device)
-    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, sub_batch, activation_elements(snn, images[0]),
-                         cfg.sim.max_memory_mb, device)
-    layout = memory_format(cfg.sim.channels_last, device)
-    min_depth = integer_min_depth(cfg.sim.integer_conv, device)
+    (sub_batch, chunk, layout, min_depth), setting = engine_settings(cfg.sim, snn, images[0], device)
     work = Workload(ann, folded.cpu(), snn, batches, images, cfg.sim.T, sub_batch, chunk,
                     layout == torch.channels_last, min_depth, cfg.sim.coding, device, cfg.seed)
     num_images = sum(len(labels) for _, labels in batches)
-    log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %d images x %d steps at a time, device %s, "
-             "%d threads", cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images,
-             cfg.sim.batch_size, sub_batch, chunk, device, torch.get_num_threads())
+    log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %s, device %s, %d threads", cfg.model.name,
+             cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, setting, device,
+             torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="snnbench-bench-") as folder:
         path = Path(folder) / "workload.pt"
         torch.save(work, path)
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
-    integer = "" if min_depth is None else f", integer layers of depth >= {min_depth}"
-    setting = f"{sub_batch} images x {chunk} steps at a time, {LAYOUT_NAMES[layout]}{integer}"
     show_bench(frame, results, cfg, setting, num_images)
     if out is not None:
         write_csv(out, frame)

@@ -26,7 +26,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from snnbench.neurons import IFNeuron, trace
+from snnbench.neurons import IFNeuron, SpikingGraph
 
 LIMBS = 3
 LIMB_RATIO = 254  # each limb's scale over the next: the residual of one limb (<= half a step) fits in int8
@@ -183,23 +183,22 @@ class SpikeSource(NamedTuple):
     poolings: tuple[nn.AvgPool2d, ...]
 
 
-def spike_fed_layers(model: nn.Module) -> dict[str, SpikeSource]:
-    """The convs and linear layers of `model` whose input is the output of an IF neuron, directly or through
-    average pooling (and identities, a flatten before a linear layer), by name. Only those whose integer levels
-    fit in 8 bits."""
-    modules, found = dict(model.named_modules()), {}
-    for node in trace(model).nodes:
-        layer = _module(node, modules)
-        if _integer_capable(layer) and (source := _spike_source(node, modules, layer)):
+def spike_fed_layers(graph: SpikingGraph) -> dict[str, SpikeSource]:
+    """The convs and linear layers whose input is the output of an IF neuron, directly or through average pooling
+    (and identities, a flatten before a linear layer), by name. Only those whose integer levels fit in 8 bits."""
+    found = {}
+    for node in graph.nodes:
+        layer = graph.module(node)
+        if _integer_capable(layer) and (source := _spike_source(node, graph, layer)):
             if _levels_fit(source.neuron, source.pooling_area):
                 found[node.target] = source
     return found
 
 
-def _spike_source(node: torch.fx.Node, modules: dict[str, nn.Module], layer: nn.Module | None) -> SpikeSource | None:
+def _spike_source(node: torch.fx.Node, graph: SpikingGraph, layer: nn.Module | None) -> SpikeSource | None:
     """The neuron whose output reaches `node` through modules that pass spikes on to `layer` (None: any layer)."""
     source, poolings = node.args[0], []
-    while (module := _module(source, modules)) is not None:
+    while (module := graph.module(source)) is not None:
         if isinstance(module, IFNeuron):
             return SpikeSource(module, math.prod(_pooling_area(pool) for pool in poolings), tuple(poolings))
         if not _passes_spikes(module, layer):
@@ -210,13 +209,13 @@ def _spike_source(node: torch.fx.Node, modules: dict[str, nn.Module], layer: nn.
     return None
 
 
-def summing_poolings(model: nn.Module, emitters: set[IFNeuron]) -> set[nn.AvgPool2d]:
-    """The average poolings of `model` fed by neurons that emit their coefficients, at every call: those may sum
-    rather than average, so that the integer layers after them receive whole levels."""
-    modules, verdicts = dict(model.named_modules()), {}
-    for node in trace(model).nodes:
-        if isinstance(pool := _module(node, modules), nn.AvgPool2d):
-            source = _spike_source(node, modules, None) if _passes_spikes(pool, None) else None
+def summing_poolings(graph: SpikingGraph, emitters: set[IFNeuron]) -> set[nn.AvgPool2d]:
+    """The average poolings fed by neurons that emit their coefficients, at every call: those may sum rather than
+    average, so that the integer layers after them receive whole levels."""
+    verdicts = {}
+    for node in graph.nodes:
+        if isinstance(pool := graph.module(node), nn.AvgPool2d):
+            source = _spike_source(node, graph, None) if _passes_spikes(pool, None) else None
             verdicts[pool] = verdicts.get(pool, True) and source is not None and source.neuron in emitters
     return {pool for pool, verdict in verdicts.items() if verdict}
 
@@ -227,17 +226,17 @@ def _summing(pool: nn.AvgPool2d):
                              ceil_mode=pool.ceil_mode, count_include_pad=pool.count_include_pad, divisor_override=1)
 
 
-def coefficient_emitters(model: nn.Module, integer_layers: set[str]) -> set[IFNeuron]:
-    """The neurons of `model` whose output reaches nothing but the named integer layers (through modules that
-    pass spikes on): those may emit their coefficients, since the layers fold the threshold into their weights."""
-    return _feeding_only(model, IFNeuron, integer_layers)
+def coefficient_emitters(graph: SpikingGraph, integer_layers: set[str]) -> set[IFNeuron]:
+    """The neurons whose output reaches nothing but the named integer layers (through modules that pass spikes
+    on): those may emit their coefficients, since the layers fold the threshold into their weights."""
+    return _feeding_only(graph, IFNeuron, integer_layers)
 
 
-def skippable_flattens(model: nn.Module, integer_layers: dict[str, nn.Module]) -> set[nn.Flatten]:
-    """The flattens of `model` whose output reaches nothing but integer linear layers: those read the map itself,
-    in channels-last order, which saves the flatten's copy of a channels-last map."""
+def skippable_flattens(graph: SpikingGraph, integer_layers: dict[str, nn.Module]) -> set[nn.Flatten]:
+    """The flattens whose output reaches nothing but integer linear layers: those read the map itself, in
+    channels-last order, which saves the flatten's copy of a channels-last map."""
     linear = {name for name, layer in integer_layers.items() if isinstance(layer, nn.Linear)}
-    return {flatten for flatten in _feeding_only(model, nn.Flatten, linear) if _passes_spikes(flatten, None)}
+    return {flatten for flatten in _feeding_only(graph, nn.Flatten, linear) if _passes_spikes(flatten, None)}
 
 
 def _map_or_rows(x: torch.Tensor) -> torch.Tensor:
@@ -245,29 +244,24 @@ def _map_or_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 4 else x.flatten(1)
 
 
-def _feeding_only(model: nn.Module, kind: type, layers: set[str]) -> set[nn.Module]:
+def _feeding_only(graph: SpikingGraph, kind: type, layers: set[str]) -> set[nn.Module]:
     """The modules of type `kind` whose every call's output reaches nothing but the named layers."""
-    modules, verdicts = dict(model.named_modules()), {}
-    for node in trace(model).nodes:
-        if isinstance(module := _module(node, modules), kind):
-            verdicts[module] = verdicts.get(module, True) and _reaches_only(node, layers, modules)
+    verdicts = {}
+    for node in graph.nodes:
+        if isinstance(module := graph.module(node), kind):
+            verdicts[module] = verdicts.get(module, True) and _reaches_only(node, layers, graph)
     return {module for module, verdict in verdicts.items() if verdict}
 
 
-def _reaches_only(node: torch.fx.Node, layers: set[str], modules: dict[str, nn.Module]) -> bool:
+def _reaches_only(node: torch.fx.Node, layers: set[str], graph: SpikingGraph) -> bool:
     """Whether every path from `node` through modules that pass spikes on ends in one of `layers`."""
     for user in node.users:
         if user.op == "call_module" and user.target in layers:
             continue
-        module = _module(user, modules)
-        if module is None or not _passes_spikes(module, None) or not _reaches_only(user, layers, modules):
+        module = graph.module(user)
+        if module is None or not _passes_spikes(module, None) or not _reaches_only(user, layers, graph):
             return False
     return bool(node.users)
-
-
-def _module(node, modules: dict[str, nn.Module]) -> nn.Module | None:
-    """The module a traced node calls (None for anything else)."""
-    return modules[node.target] if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
 
 
 def _integer_capable(layer: nn.Module | None) -> bool:
@@ -315,12 +309,13 @@ def integer_layers(model: nn.Module, min_depth: int | None = 0):
     accumulates per output value; None: none) compute in integers; the neurons that feed nothing else emit their
     coefficients, the poolings after those sum, and the flattens before integer linear layers alone pass maps on.
     All is as before after the block."""
-    sources = {} if min_depth is None else spike_fed_layers(model)
+    graph = None if min_depth is None else SpikingGraph(model)
+    sources = {} if graph is None else spike_fed_layers(graph)
     layers = {name: model.get_submodule(name) for name in sources}
     layers = {name: layer for name, layer in layers.items() if _depth(layer) >= min_depth}
-    emitters = coefficient_emitters(model, set(layers)) if layers else set()
-    poolings = summing_poolings(model, emitters) if emitters else set()
-    flattens = skippable_flattens(model, layers) if layers else set()
+    emitters = coefficient_emitters(graph, set(layers)) if layers else set()
+    poolings = summing_poolings(graph, emitters) if emitters else set()
+    flattens = skippable_flattens(graph, layers) if layers else set()
     for name, layer in layers.items():
         source = sources[name]
         layer.forward = IntegerLayer(layer, source.neuron, source.pooling_area,

@@ -133,10 +133,17 @@ class _NeuronTracer(torch.fx.Tracer):
         return isinstance(module, IFNeuron) or not any(isinstance(m, IFNeuron) for m in module.modules())
 
 
-def trace(model: nn.Module) -> torch.fx.Graph:
+class SpikingGraph:
     """The graph of a spiking network down to its neurons and the modules that hold no neurons, each one opaque
     module call."""
-    return _NeuronTracer().trace(model)
+
+    def __init__(self, model: nn.Module):
+        self.nodes = list(_NeuronTracer().trace(model).nodes)
+        self.modules = dict(model.named_modules())
+
+    def module(self, node) -> nn.Module | None:
+        """The module a node calls (None for any other node, or anything that is not a node)."""
+        return self.modules[node.target] if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
 
 
 def _per_channel(value: torch.Tensor, sample_dims: int) -> torch.Tensor:

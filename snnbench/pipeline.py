@@ -19,15 +19,7 @@ from snnbench.errors import UserError
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
 from snnbench.restructure import KINDS as RESTRUCTURINGS
-from snnbench.simulate import (
-    activation_elements,
-    choose_chunk,
-    choose_sub_batch,
-    integer_min_depth,
-    memory_format,
-    reuse_freed_memory,
-    simulate,
-)
+from snnbench.simulate import engine_settings, reuse_freed_memory, simulate
 from snnbench.train import cached, config_hash, evaluate, progress_bar, sha256_of, train
 
 log = logging.getLogger("snnbench")
@@ -238,13 +230,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times["time_convert_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    sub_batch = choose_sub_batch(cfg.sim.sub_batch, cfg.sim.batch_size, device)
-    chunk = choose_chunk(cfg.sim.chunk, cfg.sim.T, sub_batch, activation_elements(snn, images[0]),
-                         cfg.sim.max_memory_mb, device)
-    layout = memory_format(cfg.sim.channels_last, device)
-    min_depth = integer_min_depth(cfg.sim.integer_conv, device)
-    log.info("simulating %s for T=%d (%s coding, %d images x %d steps at a time%s)", cfg.method.name, cfg.sim.T,
-             cfg.sim.coding, sub_batch, chunk, "" if min_depth is None else f", integer layers of depth >= {min_depth}")
+    (sub_batch, chunk, layout, min_depth), setting = engine_settings(cfg.sim, snn, images[0], device)
+    log.info("simulating %s for T=%d (%s coding, %s)", cfg.method.name, cfg.sim.T, cfg.sim.coding, setting)
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
         result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,

@@ -12,7 +12,7 @@ from torch import nn
 from snnbench.convert import device_of
 from snnbench.errors import UserError
 from snnbench.integer_conv import cpu_has_amx, int8_conv_available, integer_layers
-from snnbench.neurons import IFNeuron, trace
+from snnbench.neurons import IFNeuron, SpikingGraph
 
 # Defaults for sim.sub_batch=auto (images simulated at once), sim.chunk=auto (time steps folded into one batch)
 # and sim.channels_last=auto (feature-map layout) on each device, chosen by `snnbench bench` and by alternated runs
@@ -114,6 +114,20 @@ def memory_format(channels_last, device) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+LAYOUT_NAMES = {torch.channels_last: "channels-last", torch.contiguous_format: "standard layout"}
+
+
+def engine_settings(sim, model: nn.Module, image: torch.Tensor, device) -> tuple:
+    """The `sim` config's engine knobs resolved for `model` (one `image` of its input) on `device`: (images per
+    block, steps per chunk, feature-map layout, integer layers' minimum depth), and their one-line description."""
+    sub_batch = choose_sub_batch(sim.sub_batch, sim.batch_size, device)
+    chunk = choose_chunk(sim.chunk, sim.T, sub_batch, activation_elements(model, image), sim.max_memory_mb, device)
+    layout, min_depth = memory_format(sim.channels_last, device), integer_min_depth(sim.integer_conv, device)
+    integer = "" if min_depth is None else f", integer layers of depth >= {min_depth}"
+    description = f"{sub_batch} images x {chunk} steps at a time, {LAYOUT_NAMES[layout]}{integer}"
+    return (sub_batch, chunk, layout, min_depth), description
+
+
 def integer_min_depth(setting, device) -> int | None:
     """sim.integer_conv (true / false / auto) on `device` as the smallest depth (multiply-accumulates per output
     value) of a spike-fed conv or linear layer that computes in integers, None for none. true: every one (0);
@@ -145,9 +159,9 @@ def constant_inputs_computed_once(model: nn.Module):
     """Within the block the modules between the input and the first neurons (stateless, fed only the input or
     one another) compute once per input tensor: with direct coding every chunk of a batch feeds the same images,
     so their currents are computed once per batch, not once per chunk."""
-    modules, constant, memoised = dict(model.named_modules()), set(), []
-    for node in trace(model).nodes:
-        module = modules.get(node.target) if node.op == "call_module" else None
+    graph, constant, memoised = SpikingGraph(model), set(), []
+    for node in graph.nodes:
+        module = graph.module(node)
         if node.op == "placeholder" or (module is not None and not isinstance(module, IFNeuron) and
                                          node.all_input_nodes and set(node.all_input_nodes) <= constant):
             constant.add(node)

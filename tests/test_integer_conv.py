@@ -16,7 +16,7 @@ from snnbench.integer_conv import (
 from snnbench.methods import spiking_copy
 from snnbench.models.convnet import ConvNet
 from snnbench.models.resnet import ResNet
-from snnbench.neurons import IFNeuron
+from snnbench.neurons import IFNeuron, SpikingGraph
 from snnbench.restructure import restructure
 from snnbench.simulate import integer_min_depth, simulate, simulate_step_by_step, spiking_layers
 
@@ -103,26 +103,29 @@ def converted(ann, **knobs):
 
 def test_layers_fed_by_neurons_directly_or_through_pooling_are_found():
     snn = converted(vgg_like())
-    found = {name: source.pooling_area for name, source in spike_fed_layers(snn).items()}
+    found = {name: source.pooling_area for name, source in spike_fed_layers(SpikingGraph(snn)).items()}
     # not features.0: the image feeds it; the classifier's linear layers: through a flatten, and directly
     assert found == {"features.4": 4, "features.7": 1, "features.11": 4, "classifier.1": 1, "classifier.4": 1}
-    assert spike_fed_layers(converted(vgg_like(), c_max=None, neg_threshold=1.0)) == {}  # |c| has no bound
-    assert set(spike_fed_layers(converted(vgg_like(), c_max=64))) == {"features.7", "classifier.1",
-                                                                      "classifier.4"}  # 64 x 4 > 255
+    unbounded = converted(vgg_like(), c_max=None, neg_threshold=1.0)
+    assert spike_fed_layers(SpikingGraph(unbounded)) == {}  # |c| has no bound
+    wide = converted(vgg_like(), c_max=64)
+    assert set(spike_fed_layers(SpikingGraph(wide))) == {"features.7", "classifier.1", "classifier.4"}  # 64 x 4 > 255
 
 
 def test_resnet_convs_after_additions_and_split_neurons_keep_float():
     resnet = ResNet(8, in_channels=3, num_classes=10, mean=[0.5] * 3, std=[0.5] * 3)
     every_block_conv = {f"layer{s}.0.conv{k}" for s in (1, 2, 3) for k in (1, 2)}
     snn = converted(resnet)
-    assert set(spike_fed_layers(snn)) == every_block_conv
+    graph = SpikingGraph(snn)
+    assert set(spike_fed_layers(graph)) == every_block_conv
     # a block's inner neuron feeds its conv2 alone; the others feed a conv and an addition too
     inner = {snn.get_submodule(f"layer{s}.0.relu1") for s in (1, 2, 3)}
-    assert coefficient_emitters(snn, every_block_conv) == inner
-    assert coefficient_emitters(snn, every_block_conv - {"layer2.0.conv2"}) == inner - {snn.layer2[0].relu1}
+    assert coefficient_emitters(graph, every_block_conv) == inner
+    assert coefficient_emitters(graph, every_block_conv - {"layer2.0.conv2"}) == inner - {snn.layer2[0].relu1}
     split = converted(restructure(resnet, "split"))
     # a block's conv1 is fed the previous block's split neuron (its copies summed), except the stem's neuron
-    assert set(spike_fed_layers(split)) == {"layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"}
+    assert set(spike_fed_layers(SpikingGraph(split))) == {"layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2",
+                                                          "layer3.0.conv2"}
 
 
 def spiking_vgg(**knobs):
@@ -221,10 +224,10 @@ def test_poolings_after_emitting_neurons_sum_and_a_shared_one_keeps_averaging():
 
 def test_only_flattens_that_feed_integer_linear_layers_alone_are_skipped():
     snn = spiking_vgg()
-    assert skippable_flattens(snn, {"classifier.1": snn.classifier[1]}) == {snn.classifier[0]}
-    assert skippable_flattens(snn, {"features.11": snn.features[11]}) == set()
+    assert skippable_flattens(SpikingGraph(snn), {"classifier.1": snn.classifier[1]}) == {snn.classifier[0]}
+    assert skippable_flattens(SpikingGraph(snn), {"features.11": snn.features[11]}) == set()
     spiking = nn.Sequential(nn.Flatten(), IFNeuron(torch.tensor(0.5)), nn.Linear(4, 2))  # a neuron between
-    assert skippable_flattens(spiking, {"2": spiking[2]}) == set()
+    assert skippable_flattens(SpikingGraph(spiking), {"2": spiking[2]}) == set()
 
 
 @needs_int8
