@@ -1,6 +1,6 @@
-"""`snnbench bench`: image-steps per second, peak memory and accuracy of four ways to simulate the same trained
-network — the snnbench engine, its step-by-step reference loop, the dense ANN forward pass x T (the floor for
-dense simulation) and SpikingJelly's ann2snn converter (when installed).
+"""`snnbench bench`: image-steps per second, peak memory and accuracy of the ways to simulate the same trained
+network — each snnbench engine (snnbench.engines: torch, int8, triton, and the step-by-step reference), the dense
+ANN forward pass x T (the floor for dense simulation) and SpikingJelly's ann2snn converter (when installed).
 
 Each engine lives in a process of its own, so that its memory is its own; the processes take turns, one run
 at a time (`bench.warmup` untimed rounds, then `bench.repeats` timed ones, the median reported), so that a
@@ -11,6 +11,7 @@ minus what was allocated once loaded.
 """
 
 import copy
+import functools
 import gc
 import json
 import logging
@@ -31,25 +32,17 @@ from omegaconf import DictConfig
 from rich.table import Table
 from torch import nn
 
-from snnbench import methods
-from snnbench.convert import apply_maxpool_policy, fold_batchnorm
-from snnbench.data import build_splits, loader
+from snnbench import engines
+from snnbench.data import loader
 from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
-from snnbench.pipeline import calibrate_stage, calibration_images, prepare_ann, resolve_device, validate
+from snnbench.pipeline import prepare, resolve_device
 from snnbench.report import console, write_csv
-from snnbench.simulate import (
-    engine_settings,
-    memory_format,
-    placed,
-    reuse_freed_memory,
-    simulate,
-    simulate_step_by_step,
-)
+from snnbench.simulate import engine_settings, int8_min_depth, memory_format, placed, reuse_freed_memory, simulate
 
 log = logging.getLogger("snnbench")
 
-ENGINES = ("snnbench", "reference", "ann_floor", "spikingjelly")
+ENGINES = (*engines.names(), "ann_floor", "spikingjelly")
 COLUMNS = ["engine", "model", "T", "batch_size", "device", "image_steps_per_s", "peak_mem_mb", "accuracy",
            "ratio_to_floor"]
 
@@ -61,16 +54,15 @@ class Unsupported(Exception):
 @dataclass
 class Workload:
     """What every engine process receives: the same trained network in the forms the engines need."""
-    ann: nn.Module      # as trained (BatchNorm kept: SpikingJelly folds it itself)
-    folded: nn.Module   # BatchNorm folded: the dense floor
+    ann: nn.Module      # the canonical ANN (BatchNorm folded): the dense floor, and SpikingJelly's input
     snn: nn.Module      # snnbench's conversion (cfg.method)
     batches: list       # [(images, labels)]: the timed test batches
     calibration: list   # training-split images, for SpikingJelly's own threshold calibration
     T: int
     sub_batch: int
-    chunk: int
-    channels_last: bool  # the feature maps' layout, for snnbench, the reference and the floor alike
-    integer_min_depth: int | None  # spike-fed layers in integers, for snnbench and the reference (not the ANN's)
+    chunk: int           # for every snnbench engine but the reference (1)
+    channels_last: bool  # the feature maps' layout, for the snnbench engines and the floor alike
+    integer_min_depth: int | None  # the int8 engine's integer layers (None: sim.integer_conv=false)
     coding: str
     device: str
     seed: int
@@ -83,7 +75,6 @@ class Workload:
 def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     """Prepare the network through the pipeline's stages, measure each engine in its own process, print the
     table and write `out` (CSV)."""
-    validate(cfg)
     for key in ("batches", "repeats"):
         if isinstance(cfg.bench[key], bool) or not isinstance(cfg.bench[key], int) or cfg.bench[key] <= 0:
             raise UserError(f"bench.{key} must be a positive integer, got {cfg.bench[key]!r}")
@@ -94,17 +85,15 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
         raise UserError(f"bench.engines must list some of {', '.join(ENGINES)}, got {list(cfg.bench.engines)}")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    splits = build_splits(cfg.dataset, cfg.cache_dir)
-    ann, _, checkpoint_sha = prepare_ann(cfg, splits, device)
-    ann = apply_maxpool_policy(ann.cpu(), cfg.convert.maxpool)
-    folded = fold_batchnorm(ann).to(device)  # calibration and conversion run on the device, as in `run`
-    images = calibration_images(cfg, splits)
-    calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
-    snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images).cpu()
-    batches = list(loader(splits.test, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
-    (sub_batch, chunk, layout, min_depth), setting = engine_settings(cfg.sim, snn, images[0], device)
-    work = Workload(ann, folded.cpu(), snn, batches, images, cfg.sim.T, sub_batch, chunk,
-                    layout == torch.channels_last, min_depth, cfg.sim.coding, device, cfg.seed)
+    prepared = prepare(cfg, device)
+    ann, images = prepared.ann.cpu(), prepared.calibration_images
+    snn = prepared.conversion.snn.cpu()
+    batches = list(loader(prepared.evaluated, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
+    chosen = engine_settings(cfg.sim, snn, images[0], device)  # sim.engine's: its blocks for every engine
+    work = Workload(ann, snn, batches, images, cfg.sim.T, chosen.sub_batch, chosen.chunk,
+                    chosen.layout == torch.channels_last, int8_min_depth(cfg.sim.integer_conv), cfg.sim.coding,
+                    device, cfg.seed)
+    setting = chosen.describe()
     num_images = sum(len(labels) for _, labels in batches)
     log.info("bench: %s on %s, %s, T=%d, %d images in batches of %d, %s, device %s, %d threads", cfg.model.name,
              cfg.dataset.name, cfg.method.name, cfg.sim.T, num_images, cfg.sim.batch_size, setting, device,
@@ -114,7 +103,7 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
         torch.save(work, path)
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
-    show_bench(frame, results, cfg, setting, num_images)
+    show_bench(frame, results, cfg, setting, num_images, chosen.engine)
     if out is not None:
         write_csv(out, frame)
         log.info("bench: wrote %s", out)
@@ -193,9 +182,9 @@ def _tabulate(results: dict, cfg, device: str, num_images: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def show_bench(frame: pd.DataFrame, results: dict, cfg, setting: str, num_images: int):
-    """The rich table: speeds, ratios side by side, memory, accuracy; and whether snnbench and the reference
-    agree at every t."""
+def show_bench(frame: pd.DataFrame, results: dict, cfg, setting: str, num_images: int, chosen: str):
+    """The rich table: speeds, ratios side by side, memory, accuracy, and which engine sim.engine chooses (`chosen`);
+    and whether each snnbench engine and the reference agree at every t."""
     peer = frame.set_index("engine").image_steps_per_s.get("spikingjelly")
     table = Table(title=f"{cfg.model.name} on {cfg.dataset.name} ({cfg.method.name}): T={cfg.sim.T}, batch "
                         f"{cfg.sim.batch_size}, {num_images} images, {frame.device.iloc[0]}, "
@@ -209,19 +198,30 @@ def show_bench(frame: pd.DataFrame, results: dict, cfg, setting: str, num_images
     for row in frame.itertuples():
         result = results[row.engine]
         speedup = row.image_steps_per_s / peer if peer and not pd.isna(peer) else None
+        note = result.get("status") or result.get("mode", "")
         table.add_row(row.engine, number(row.image_steps_per_s, ",.0f"), number(row.ratio_to_floor, ".2f"),
                       number(speedup, ".2f"), number(row.peak_mem_mb, ",.0f"),
                       number(None if pd.isna(row.accuracy) else 100 * row.accuracy, ".2f"),
-                      result.get("status") or result.get("mode", ""))
+                      f"{note} (sim.engine={cfg.sim.engine})" if row.engine == chosen else note)
     console.print(table)
     for engine, result in results.items():
         if "status" in result:  # in full, whatever the table's width cut off
             console.print(f"{engine}: {result['status']}", soft_wrap=True)
-    if "snnbench" in results and "reference" in results and "correct" in results["reference"]:
-        same = results["snnbench"].get("correct") == results["reference"]["correct"]
-        console.print("snnbench and the step-by-step reference: " +
-                      ("identical correct counts at every t" if same else "[bold red]DIFFERENT results[/bold red]"),
-                      soft_wrap=True)
+    reference = results.get("reference", {}).get("correct")
+    for engine in engines.names():
+        if engine != "reference" and reference and "correct" in results.get(engine, {}):
+            agreement = _agreement(results[engine]["correct"], reference)
+            console.print(f"{engine} and the step-by-step reference: {agreement}", soft_wrap=True)
+
+
+def _agreement(correct: list[int], reference: list[int]) -> str:
+    """Whether an engine's correct counts at every t are the reference's, or where they differ."""
+    steps = [t for t, (a, b) in enumerate(zip(correct, reference, strict=True), 1) if a != b]
+    if not steps:
+        return "identical correct counts at every t"
+    most = max(abs(correct[t - 1] - reference[t - 1]) for t in steps)
+    return (f"[bold red]DIFFERENT correct counts[/bold red] at {len(steps)} of {len(reference)} steps (t = "
+            f"{steps[0]}..{steps[-1]}, at most {most} images apart)")
 
 
 # ---- inside an engine's own process ----
@@ -240,8 +240,8 @@ def worker():
 
     work = torch.load(workload, weights_only=False)
     try:
-        modes = {"snnbench": _snnbench, "reference": _reference, "ann_floor": _ann_floor,
-                 "spikingjelly": _spikingjelly}[engine](work)
+        peers = {"ann_floor": _ann_floor, "spikingjelly": _spikingjelly}
+        modes = peers.get(engine, functools.partial(_snnbench, engine=engine))(work)
     except Unsupported as err:
         reply({"status": str(err)})
         return
@@ -285,24 +285,25 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _snnbench(work: Workload) -> dict:
-    def run():
-        result = simulate(work.snn, work.batches, work.T, work.chunk, work.coding, work.device, work.seed,
-                          layout=work.layout, integer_min_depth=work.integer_min_depth, sub_batch=work.sub_batch)
-        return result.correct.tolist()
-    return {f"{work.sub_batch} x {work.chunk}": run}
+def _snnbench(work: Workload, engine: str) -> dict:
+    """The snnbench engine `engine` (snnbench.engines), in sim.engine's blocks of images and steps."""
+    reason = engines.get(engine).unavailable(work.device)
+    if reason:
+        raise Unsupported(f"unavailable: {reason}")
+    if engine == "int8" and work.integer_min_depth is None:
+        raise Unsupported("off: sim.integer_conv=false")
+    chunk = 1 if engine == "reference" else work.chunk
 
-
-def _reference(work: Workload) -> dict:
     def run():
-        result = simulate_step_by_step(work.snn, work.batches, work.T, work.coding, work.device, work.seed,
-                                       work.layout, work.integer_min_depth, work.sub_batch)
+        result = simulate(work.snn, work.batches, work.T, chunk, work.coding, work.device, work.seed,
+                          layout=work.layout, sub_batch=work.sub_batch, engine=engine,
+                          integer_min_depth=work.integer_min_depth)
         return result.correct.tolist()
-    return {f"{work.sub_batch} x 1": run}
+    return {f"{work.sub_batch} x {chunk}": run}
 
 
 def _ann_floor(work: Workload) -> dict:
-    model = work.folded.eval().to(work.device, memory_format=work.layout)
+    model = work.ann.eval().to(work.device, memory_format=work.layout)
 
     @torch.inference_mode()
     def run():

@@ -1,11 +1,12 @@
-"""Activation statistics of every ReLU layer via forward hooks, on training-split calibration images."""
+"""Activation statistics of every spiking layer (the ReLU modules of a canonical network) via forward hooks, on
+training-split calibration images."""
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from snnbench.convert import relu_names
+from snnbench.convert import spiking_layer_names
 
 SAMPLES_PER_BATCH = 100_000  # activations kept per layer and batch for the percentile (quantile's size limit)
 
@@ -43,7 +44,7 @@ def calibrate(model: nn.Module, batches, percentile: float, per_channel: bool, d
     """Threshold of each ReLU layer = `percentile` of its positive activations (100 = the exact maximum),
     per layer or per channel; percentiles below 100 use a seeded sample of the activations."""
     model = model.eval().to(device)
-    names = relu_names(model)
+    names = spiking_layer_names(model)
     generator = torch.Generator().manual_seed(seed)
     samples = {name: [] for name in names}
     maxima, neurons = {}, {}

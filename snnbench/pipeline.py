@@ -5,20 +5,24 @@ and an interrupted run resumes from the last completed stage."""
 import io
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
 
 from snnbench import methods
 from snnbench.calibrate import Calibration, calibrate
-from snnbench.convert import apply_maxpool_policy, check_maxpool_policy, count_macs, fan_out, fold_batchnorm
-from snnbench.data import build_splits, loader, seeded_subset
+from snnbench.convert import canonicalize, count_macs, device_of, trace
+from snnbench.data import DataSplits, build_splits, loader, seeded_subset
+from snnbench.devices import check_device, resolve_device
 from snnbench.errors import UserError
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
-from snnbench.restructure import KINDS as RESTRUCTURINGS
+from snnbench.shards import check_shard, counts_of, shard_of
 from snnbench.simulate import engine_settings, reuse_freed_memory, simulate
 from snnbench.train import cached, config_hash, evaluate, progress_bar, sha256_of, train
 
@@ -51,34 +55,21 @@ def validate(cfg: DictConfig):
         raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
     choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
                "sim.split": (cfg.sim.split, ("test", "train")),
-               "device": (cfg.device, ("auto", "cpu", "cuda")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
                "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
                "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw"))}
-    if "restructure" in cfg.method:
-        choices["method.restructure"] = (cfg.method.restructure, RESTRUCTURINGS)
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     for key in ("channels_last", "integer_conv"):
         if cfg.sim[key] not in ("auto", True, False):
             raise UserError(f"sim.{key} must be auto, true or false, got {cfg.sim[key]!r}")
-    knobs = cfg.method
-    for key, example in (("c_max", 4), ("copies", 2)):
-        if knobs.get(key) is not None:
-            positive_int(f"method.{key}", knobs[key], example=example)
-    for key in ("threshold_scale", "neg_threshold"):
-        value = knobs.get(key)
-        if value is not None and (not isinstance(value, int | float) or value <= 0):
-            raise UserError(f"method.{key} must be a positive number, got {value!r}")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available: use device=auto or device=cpu")
-    return name
+    check_device(cfg.device)
+    check_shard(cfg.sim.shard, cfg.sim.num_shards)
+    if "_target_" in cfg.model and OmegaConf.is_missing(cfg.model, "_target_"):
+        raise UserError("model=custom needs the class or factory to build: add model._target_=<module>.<Class> "
+                        "(importable from the working directory or PYTHONPATH; docs/models.md)")
+    methods.get(cfg.method.name).validate(cfg.method)
 
 
 def _container(node) -> dict:
@@ -91,10 +82,9 @@ def _state_bytes(model) -> bytes:
     return buffer.getvalue()
 
 
-def prepare_ann(cfg, splits, device):
-    """Stage 1: load `train.checkpoint`, or train (once per recipe, cached). Returns (model, path, sha256)."""
-    model = build_model(cfg.model, cfg.dataset)
-    check_maxpool_policy(model, cfg.convert.maxpool)  # refused now rather than after training
+def prepare_ann(cfg, model, splits, device):
+    """Stage 1: load `train.checkpoint` into `model`, or train it (once per recipe, cached). Returns (model, path,
+    sha256)."""
     if cfg.train.checkpoint:
         path = Path(cfg.train.checkpoint)
         log.info("loading ANN weights from %s (training skipped)", path)
@@ -103,7 +93,7 @@ def prepare_ann(cfg, splits, device):
     # unset options (None) stay out of the key, so a knob added later keeps existing cache entries valid
     train_cfg = {k: v for k, v in _container(cfg.train).items()
                  if k not in ("checkpoint", "num_workers") and v is not None}
-    key = config_hash(dataset, _container(cfg.model), train_cfg, cfg.seed)
+    key = config_hash(dataset, _container(cfg.model), architecture(model), train_cfg, cfg.seed)
     path = Path(cfg.cache_dir) / "ann" / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
     progress = path.with_suffix(".progress.pt")  # per-epoch state: an interrupted training resumes from it
 
@@ -128,6 +118,12 @@ def prepare_ann(cfg, splits, device):
     return ann.eval(), str(path), digest
 
 
+def architecture(model) -> str:
+    """What the model computes, as traced, with its parameters' shapes: a changed class changes the cache key."""
+    shapes = sorted((name, tuple(value.shape)) for name, value in model.state_dict().items())
+    return f"{trace(model).code}\n{shapes}"
+
+
 def calibration_images(cfg, splits):
     batches = loader(splits.calibration, cfg.calibrate.batch_size, shuffle=True, seed=cfg.seed,
                      limit=_num_calibration_images(cfg))
@@ -141,17 +137,19 @@ def _num_calibration_images(cfg) -> int:
 def evaluated_images(cfg, splits):
     """The images the SNN is scored on: the test split, or with split=train (to choose knobs without looking at
     the test set) the training images, unaugmented, that `calibration_images` did not draw: the calibration and
-    the tuning never saw them, so a knob that fits those images cannot look better than it is."""
+    the tuning never saw them, so a knob that fits those images cannot look better than it is. Of those, a seeded
+    random `sim.num_samples`, and of these the part `sim.shard` of `sim.num_shards`."""
     if cfg.sim.split == "test":
-        return splits.test
-    held_out = seeded_subset(splits.calibration, None, cfg.seed, skip=_num_calibration_images(cfg))
-    if len(held_out) == 0:
-        raise UserError(f"sim.split=train evaluates the training images the calibration does not use, and it "
-                        f"uses all {len(splits.calibration)}: lower calibrate.num_batches or calibrate.batch_size")
-    return held_out
+        scored = splits.test
+    else:
+        scored = seeded_subset(splits.calibration, None, cfg.seed, skip=_num_calibration_images(cfg))
+        if len(scored) == 0:
+            raise UserError(f"sim.split=train evaluates the training images the calibration does not use, and it "
+                            f"uses all {len(splits.calibration)}: lower calibrate.num_batches or calibrate.batch_size")
+    return shard_of(seeded_subset(scored, cfg.sim.num_samples, cfg.seed), cfg.sim.shard, cfg.sim.num_shards, cfg.seed)
 
 
-def calibrate_stage(cfg, folded, ann_sha, images, device) -> Calibration:
+def calibrate_stage(cfg, ann, ann_sha, images, device) -> Calibration:
     """Stage 2: percentile thresholds of every ReLU, cached per (ANN, calibration setting)."""
     key = config_hash(ann_sha, _container(cfg.calibrate), cfg.convert.maxpool, cfg.seed)
     path = Path(cfg.cache_dir) / "calibration" / f"{key}.pt"
@@ -159,7 +157,7 @@ def calibrate_stage(cfg, folded, ann_sha, images, device) -> Calibration:
     def build():
         log.info("calibrating %d images (percentile %s, %s)", sum(len(i) for i in images),
                  cfg.calibrate.percentile, "per channel" if cfg.calibrate.per_channel else "per layer")
-        return calibrate(folded, images, cfg.calibrate.percentile, cfg.calibrate.per_channel, device, cfg.seed)
+        return calibrate(ann, images, cfg.calibrate.percentile, cfg.calibrate.per_channel, device, cfg.seed)
 
     def save(calibration):
         buffer = io.BytesIO()
@@ -175,7 +173,7 @@ def calibrate_stage(cfg, folded, ann_sha, images, device) -> Calibration:
     return calibration
 
 
-def tabulate(cfg, result, calibration, snn, fan, macs) -> tuple[pd.DataFrame, pd.DataFrame]:
+def tabulate(cfg, result, calibration, snn, fan, diagnostics) -> tuple[pd.DataFrame, pd.DataFrame]:
     """accuracy.csv (one row per t, counts cumulative up to t) and layers.csv (one row per spiking layer)."""
     n, T = max(result.num_images, 1), cfg.sim.T
     sops_t = sum(result.events[name] * fan[name] for name in result.events)
@@ -186,7 +184,6 @@ def tabulate(cfg, result, calibration, snn, fan, macs) -> tuple[pd.DataFrame, pd
         "spike_units_per_image": (sum(result.units.values()).cumsum(0) / n).numpy(),
         "sops_per_image": (sops_t.cumsum(0) / n).numpy(),
     })
-    diagnostics = getattr(snn, "diagnostics", {})
     rows = []
     for name in result.events:
         events, units = result.events[name].sum().item() / n, result.units[name].sum().item() / n
@@ -199,56 +196,110 @@ def tabulate(cfg, result, calibration, snn, fan, macs) -> tuple[pd.DataFrame, pd
     return accuracy, pd.DataFrame(rows)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+@dataclass
+class Prepared:
+    """Everything before the simulation, the same for `run`, `bench` and `inspect`."""
+    splits: DataSplits
+    evaluated: Dataset              # the images the SNN is scored on (evaluated_images)
+    ann: nn.Module                  # the canonical ANN (canonicalize), on the run's device
+    checkpoint: str
+    checkpoint_sha: str
+    calibration_images: list        # training-split batches: the calibration's and the method's
+    calibration: Calibration        # of `ann`
+    conversion: methods.Conversion  # the method's result
+    times: dict[str, float]         # seconds of each stage
+
+
+def prepare(cfg: DictConfig, device: str) -> Prepared:
+    """Check the config and the model (before any data is read or weights trained), then load the data, train or
+    load the ANN, calibrate it and convert it with cfg.method."""
     validate(cfg)
-    reuse_freed_memory()
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    times = {}
-    clock = time.perf_counter()
+    model = build_model(cfg.model, cfg.dataset)
+    canonicalize(model, cfg.convert.maxpool)  # refused now rather than after training
+    times, clock = {}, time.perf_counter()
     splits = build_splits(cfg.dataset, cfg.cache_dir)
     evaluated = evaluated_images(cfg, splits)
-    ann, checkpoint, checkpoint_sha = prepare_ann(cfg, splits, device)
-    ann = apply_maxpool_policy(ann, cfg.convert.maxpool)
-    eval_batches = loader(evaluated, cfg.sim.batch_size, shuffle=cfg.sim.num_samples is not None,
-                          seed=cfg.seed, limit=cfg.sim.num_samples)
-    ann_accuracy = evaluate(ann, eval_batches, device)
-    log.info("ANN accuracy %.2f %% on %d %s images", 100 * ann_accuracy, len(eval_batches.dataset), cfg.sim.split)
+    trained, checkpoint, checkpoint_sha = prepare_ann(cfg, model, splits, device)
+    ann = canonicalize(trained.cpu(), cfg.convert.maxpool).module.to(device)  # the later stages run on the device
     times["time_train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    folded = fold_batchnorm(ann.cpu()).to(device)  # calibration, conversion and tuning run on the device
     images = calibration_images(cfg, splits)
-    calibration = calibrate_stage(cfg, folded, checkpoint_sha, images, device)
+    calibration = calibrate_stage(cfg, ann, checkpoint_sha, images, device)
     times["time_calibrate_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    snn = methods.get(cfg.method.name).convert(folded, calibration, cfg, images)
-    # a method that rewrites the ANN (function-preserving, TTRBR) gives the rewrite's calibration and fan-out
-    calibration = getattr(snn, "calibration", calibration)
-    fan, macs = getattr(snn, "fan", None) or fan_out(folded), count_macs(folded, images[0])
+    conversion = convert_stage(cfg, ann, calibration, checkpoint_sha, images)
     times["time_convert_s"] = time.perf_counter() - clock
+    return Prepared(splits, evaluated, ann, checkpoint, checkpoint_sha, images, calibration, conversion, times)
+
+
+def convert_stage(cfg, ann, calibration, ann_sha, images) -> methods.Conversion:
+    """Stage 3: the method's conversion, cached per (ANN, calibration, method knobs, T), so that the shards of
+    one evaluation and reruns share TTRBR's tuning."""
+    key = config_hash(ann_sha, _container(cfg.calibrate), _container(cfg.convert), _container(cfg.method),
+                      cfg.sim.T, cfg.seed)
+    path = Path(cfg.cache_dir) / "conversion" / f"{cfg.method.name}_{key}.pt"
+
+    def build():
+        log.info("converting with %s", cfg.method.name)
+        return methods.get(cfg.method.name).convert(ann, calibration, cfg, images)
+
+    def save(conversion):
+        buffer = io.BytesIO()
+        torch.save(conversion, buffer)
+        return buffer.getvalue()
+
+    def load(p):  # a file this cache wrote, whose sha256 was checked against its record
+        conversion = torch.load(p, map_location=device_of(ann), weights_only=False)
+        return replace(conversion, snn=conversion.snn.to(device_of(ann)))
+
+    conversion, _, was_cached = cached(path, key, build, save, load)
+    if was_cached:
+        log.info("using cached conversion %s", path.name)
+    return conversion
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    reuse_freed_memory()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    prepared = prepare(cfg, device)
+    ann, conversion, times = prepared.ann, prepared.conversion, prepared.times
+    eval_batches = loader(prepared.evaluated, cfg.sim.batch_size)
+    clock = time.perf_counter()
+    ann_accuracy = evaluate(ann, eval_batches, device)
+    times["time_evaluate_ann_s"] = time.perf_counter() - clock
+    log.info("ANN accuracy %.2f %% on %d %s images%s", 100 * ann_accuracy, len(eval_batches.dataset), cfg.sim.split,
+             f" (shard {cfg.sim.shard} of {cfg.sim.num_shards})" if cfg.sim.num_shards > 1 else "")
+    snn, calibration, fan = conversion.snn, conversion.calibration, conversion.fan_out
+    images = prepared.calibration_images
+    macs = count_macs(ann, images[0])
+    checkpoint, checkpoint_sha = prepared.checkpoint, prepared.checkpoint_sha
 
     clock = time.perf_counter()
-    (sub_batch, chunk, layout, min_depth), setting = engine_settings(cfg.sim, snn, images[0], device)
-    log.info("simulating %s for T=%d (%s coding, %s)", cfg.method.name, cfg.sim.T, cfg.sim.coding, setting)
+    engine = engine_settings(cfg.sim, snn, images[0], device)
+    log.info("simulating %s for T=%d (%s coding, %s)", cfg.method.name, cfg.sim.T, cfg.sim.coding, engine.describe())
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
-        result = simulate(snn, eval_batches, cfg.sim.T, chunk, cfg.sim.coding, device, cfg.seed,
-                          progress=lambda k: bar.update(task, advance=k), layout=layout,
-                          integer_min_depth=min_depth, sub_batch=sub_batch)
+        result = simulate(snn, eval_batches, cfg.sim.T, engine.chunk, cfg.sim.coding, device, cfg.seed,
+                          progress=lambda k: bar.update(task, advance=k), layout=engine.layout,
+                          sub_batch=engine.sub_batch, engine=engine.engine,
+                          integer_min_depth=engine.integer_min_depth)
     times["time_simulate_s"] = time.perf_counter() - clock
 
-    accuracy, layers = tabulate(cfg, result, calibration, snn, fan, macs)
+    accuracy, layers = tabulate(cfg, result, calibration, snn, fan, conversion.diagnostics)
     macs_per_image = sum(macs.values())
     first_layer_macs = next(iter(macs.values())) if cfg.sim.coding == "direct" else 0
     sops = accuracy.sops_per_image.iloc[-1]
     summary = {
         "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
-        "num_test_images": result.num_images, "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
-        "sub_batch": sub_batch, "chunk": chunk, "channels_last": layout == torch.channels_last,
-        "integer_conv_min_depth": min_depth, "macs_per_image": macs_per_image,
+        "num_test_images": result.num_images, "shard": cfg.sim.shard, "num_shards": cfg.sim.num_shards,
+        "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
+        "engine": engine.engine, "sub_batch": engine.sub_batch, "chunk": engine.chunk,
+        "channels_last": engine.layout == torch.channels_last, "integer_conv_min_depth": engine.integer_min_depth,
+        "macs_per_image": macs_per_image,
         "events_per_image": float(accuracy.events_per_image.iloc[-1]),
         "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
         "sops_per_image": float(sops),
@@ -263,9 +314,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         write_csv(run_dir / "accuracy.csv", accuracy)
         write_csv(run_dir / "layers.csv", layers)
+        write_json(run_dir / "counts.json", counts_of(result, fan, ann_accuracy))  # what `report` merges shards from
         write_json(run_dir / "summary.json", summary)
     except BaseException:
-        for name in ("accuracy.csv", "layers.csv"):
+        for name in ("accuracy.csv", "layers.csv", "counts.json"):
             (run_dir / name).unlink(missing_ok=True)
         raise
     show_run(summary, accuracy)

@@ -3,13 +3,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snnbench.convert import fold_batchnorm
-from snnbench.errors import UserError
+from snnbench.convert import canonicalize
 from snnbench.integer_conv import (
     IntegerLayer,
+    MapOrRows,
     coefficient_emitters,
     int8_conv_available,
-    integer_layers,
+    integer_modules,
     skippable_flattens,
     spike_fed_layers,
 )
@@ -18,7 +18,7 @@ from snnbench.models.convnet import ConvNet
 from snnbench.models.resnet import ResNet
 from snnbench.neurons import IFNeuron, SpikingGraph
 from snnbench.restructure import restructure
-from snnbench.simulate import integer_min_depth, simulate, simulate_step_by_step, spiking_layers
+from snnbench.simulate import simulate, spiking_layers
 
 needs_int8 = pytest.mark.skipif(not int8_conv_available(), reason="this PyTorch has no oneDNN int8 convolution")
 
@@ -66,8 +66,7 @@ def test_integer_convolution_is_as_near_the_exact_sum_as_float32(case, layout, s
 @pytest.mark.parametrize("flatten_skipped", [False, True])  # the map itself, read in channels-last order
 def test_an_integer_linear_layer_after_a_flatten_takes_each_channels_threshold(emits_coefficients, flatten_skipped):
     threshold, linear = torch.rand(6) + 0.5, nn.Linear(6 * 3 * 3, 5)
-    neuron = IFNeuron(threshold)
-    neuron.emits_coefficients = emits_coefficients
+    neuron = IFNeuron(threshold, emits_coefficients=emits_coefficients)
     c = coefficients((4, 6, 3, 3), 0, 1, 0.5).contiguous(memory_format=torch.channels_last)
     carried = c * threshold.view(-1, 1, 1)
     given = c if emits_coefficients else carried
@@ -95,7 +94,7 @@ def vgg_like():
 
 
 def converted(ann, **knobs):
-    ann = fold_batchnorm(ann)
+    ann = canonicalize(ann).module
     thresholds = {name: torch.tensor(0.3 + 0.1 * i) for i, name in enumerate(
         n for n, m in ann.named_modules() if isinstance(m, nn.ReLU))}
     return spiking_copy(ann, thresholds, **knobs)
@@ -149,39 +148,41 @@ def image_batches(n=2, batch=5):
 
 @needs_int8
 @pytest.mark.parametrize("knobs", [{}, {"neg_threshold": 1.0}, {"c_max": 4, "neg_threshold": 1.0, "v0": 0.5}])
-def test_integer_engine_equals_its_step_by_step_reference(knobs):
+def test_integer_engine_equals_itself_step_by_step(knobs):
     data, T = image_batches(), 9
-    reference = simulate_step_by_step(active_vgg(**knobs), data, T, integer_min_depth=0,
-                                      layout=torch.channels_last)
-    floats = simulate(active_vgg(**knobs), data, T, 4, layout=torch.channels_last)
+    step_by_step = simulate(active_vgg(**knobs), data, T, 1, layout=torch.channels_last, engine="int8",
+                            integer_min_depth=0)
+    reference = simulate(active_vgg(**knobs), data, T, 1, layout=torch.channels_last, engine="reference")
     for chunk in (2, 4, 9):
-        folded = simulate(active_vgg(**knobs), data, T, chunk, integer_min_depth=0, layout=torch.channels_last)
-        assert torch.equal(folded.correct, reference.correct)
-        for name in reference.events:
-            assert torch.equal(folded.events[name], reference.events[name])
-            assert torch.equal(folded.units[name], reference.units[name])
-    # the same network: the integer sums may flip a spike at a threshold, not the picture
-    assert (reference.correct - floats.correct).abs().max() <= 1
+        folded = simulate(active_vgg(**knobs), data, T, chunk, layout=torch.channels_last, engine="int8",
+                          integer_min_depth=0)
+        assert torch.equal(folded.correct, step_by_step.correct)
+        for name in step_by_step.events:
+            assert torch.equal(folded.events[name], step_by_step.events[name])
+            assert torch.equal(folded.units[name], step_by_step.units[name])
+    # the same network as the float reference: the integer sums may flip a spike at a threshold, not the picture
+    assert (step_by_step.correct - reference.correct).abs().max() <= 1
 
 
 @needs_int8
 @pytest.mark.parametrize("knobs", [{}, {"neg_threshold": 1.0}, {"c_max": 4, "neg_threshold": 1.0, "v0": 0.5}])
 def test_integer_layers_and_emitted_coefficients_compute_what_the_float_network_does(knobs):
     snn, (images, _) = active_vgg(**knobs), image_batches(1)[0]
-    neurons = spiking_layers(snn).values()
 
-    def run(min_depth):
+    def run(replacements):
+        module = SpikingGraph(snn).with_modules(replacements(SpikingGraph(snn)))
+        neurons = spiking_layers(module).values()
         for neuron in neurons:
             neuron.reset(len(images), total_steps=6)
             neuron.steps = 6
-        with torch.inference_mode(), integer_layers(snn, min_depth):
-            return snn(images), [neuron.emits_coefficients for neuron in neurons]
-    floats, emitting = run(None)
-    assert all(neuron.events[-1] > 0 for neuron in neurons)
-    integers, integer_emitting = run(0)
-    assert not any(emitting) and all(integer_emitting)  # every neuron of this network feeds integer layers only
+        with torch.inference_mode():
+            return module(images), neurons
+    floats, neurons = run(lambda graph: {})
+    assert all(neuron.events[-1] > 0 for neuron in neurons) and not any(n.emits_coefficients for n in neurons)
+    integers, neurons = run(integer_modules)
+    assert all(neuron.emits_coefficients for neuron in neurons)  # every neuron here feeds integer layers only
     torch.testing.assert_close(integers, floats, rtol=1e-5, atol=1e-5)
-    assert not any(neuron.emits_coefficients for neuron in neurons)  # back to emitting c x threshold
+    assert not any(neuron.emits_coefficients for neuron in spiking_layers(snn).values())  # the network's own
 
 
 class SharedPooling(nn.Module):
@@ -204,22 +205,24 @@ class SharedPooling(nn.Module):
 @needs_int8
 def test_poolings_after_emitting_neurons_sum_and_a_shared_one_keeps_averaging():
     (images, _), outputs = image_batches(1)[0], []
-    for min_depth in (None, 0):
+    for integer in (False, True):
         torch.manual_seed(0)
         snn = SharedPooling()
-        for neuron in spiking_layers(snn).values():
+        replacements = integer_modules(SpikingGraph(snn)) if integer else {}
+        module = SpikingGraph(snn).with_modules(replacements)
+        for neuron in spiking_layers(module).values():
             neuron.reset(len(images), total_steps=4)
             neuron.steps = 4
-        with torch.inference_mode(), integer_layers(snn, min_depth):
-            outputs.append(snn(images))
-            if min_depth is not None:
-                assert snn.neuron1.emits_coefficients and not snn.neuron2.emits_coefficients
-                assert "forward" not in snn.pool.__dict__ and not snn.conv2.forward.summed
-        assert snn.neuron2.events.sum() > 0
+        with torch.inference_mode():
+            outputs.append(module(images))
+        if integer:
+            assert replacements["neuron1"].emits_coefficients and "neuron2" not in replacements
+            assert "pool" not in replacements and not replacements["conv2"].summed
+        assert module.neuron2.events.sum() > 0
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     vgg = spiking_vgg()
-    with integer_layers(vgg, 0):
-        assert vgg.features[4].forward.summed and "forward" in vgg.features[3].__dict__
+    replacements = integer_modules(SpikingGraph(vgg))
+    assert replacements["features.4"].summed and replacements["features.3"].divisor_override == 1
 
 
 def test_only_flattens_that_feed_integer_linear_layers_alone_are_skipped():
@@ -231,32 +234,23 @@ def test_only_flattens_that_feed_integer_linear_layers_alone_are_skipped():
 
 
 @needs_int8
-def test_the_model_gets_its_float_convs_back_even_after_an_error():
+def test_the_int8_engine_computes_with_modules_of_its_own_and_leaves_the_networks_alone():
     snn = spiking_vgg()
-    simulate(snn, image_batches(), 3, 2, integer_min_depth=0)
-    assert all("forward" not in conv.__dict__ for conv in snn.modules() if isinstance(conv, nn.Conv2d))
-    with pytest.raises(RuntimeError), integer_layers(snn):
-        assert isinstance(snn.features[4].forward, IntegerLayer)
-        assert "forward" in snn.classifier[0].__dict__  # the flatten before the integer classifier: skipped
-        raise RuntimeError("interrupted")
+    modules = dict(snn.named_modules())
+    replacements = integer_modules(SpikingGraph(snn))
+    assert isinstance(replacements["features.4"], IntegerLayer) and isinstance(replacements["classifier.0"], MapOrRows)
+    simulate(snn, image_batches(), 3, 2, engine="int8")
+    assert dict(snn.named_modules()) == modules
     assert all("forward" not in module.__dict__ for module in snn.modules())
     assert not any(neuron.emits_coefficients for neuron in spiking_layers(snn).values())
 
 
-def test_integer_conv_setting():
-    assert integer_min_depth(False, "cpu") is None
-    assert integer_min_depth(True, "cpu") == 0
-    assert integer_min_depth("auto", "cuda") is None
-    with pytest.raises(UserError, match="sim.integer_conv=true needs device=cpu"):
-        integer_min_depth(True, "cuda")
-
-
 def test_only_convs_deep_enough_compute_in_integers():
-    snn = spiking_vgg()
+    graph = SpikingGraph(spiking_vgg())
 
-    def patched():
-        return {name for name, m in snn.named_modules() if isinstance(m, nn.Conv2d) and "forward" in m.__dict__}
-    with integer_layers(snn, min_depth=100):
-        assert patched() == {"features.7", "features.11"}  # 16 channels x 9 taps; features.4 has 8 x 9 = 72
-    with integer_layers(snn, min_depth=None):
-        assert patched() == set()
+    def integer_convs(min_depth):
+        return {name for name, module in integer_modules(graph, min_depth).items()
+                if isinstance(module, IntegerLayer) and isinstance(module.layer, nn.Conv2d)}
+    assert integer_convs(100) == {"features.7", "features.11"}  # 16 channels x 9 taps; features.4 has 8 x 9 = 72
+    assert integer_convs(0) == {"features.4", "features.7", "features.11"}
+    assert integer_modules(graph, 10_000) == {}

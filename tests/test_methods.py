@@ -58,7 +58,7 @@ def convert(name, **knobs):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"method={name}"]
                       + [f"method.{k}={'null' if v is None else v}" for k, v in knobs.items()])
-    return calibration, cfg, spiking_layers(methods.get(name).convert(ann, calibration, cfg, images))
+    return calibration, cfg, spiking_layers(methods.get(name).convert(ann, calibration, cfg, images).snn)
 
 
 @pytest.mark.parametrize("scale", [0.25, 0.5, 2.0])

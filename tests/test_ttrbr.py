@@ -1,13 +1,15 @@
 """TTRBR on a random tiny ResNet: the block rewrites keep the ANN's logits, each tuned threshold is the best
 candidate on what the simulated layer receives, and the diagnostics measure what METHODS.md defines."""
 
+import operator
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from snnbench.calibrate import calibrate, record_activations
 from snnbench.cli import CONF_DIR
-from snnbench.convert import fold_batchnorm, relu_names
+from snnbench.convert import canonicalize, spiking_layer_names, trace
 from snnbench.methods import spiking_copy, ttrbr
 from snnbench.models.resnet import ResNet
 from snnbench.neurons import IFNeuron
@@ -28,20 +30,27 @@ def tiny_resnet():
     return model.eval()
 
 
+def canonical_resnet():
+    return canonicalize(tiny_resnet()).module
+
+
 def images(n=16, seed=1):
     return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_restructuring_keeps_the_ann_logits(kind):
-    model, x = tiny_resnet(), images()
-    rewritten = restructure(model, kind)
+    model, x = canonical_resnet(), images()
+    rewritten = restructure(model, kind, 2, x)
     with torch.no_grad():
-        torch.testing.assert_close(rewritten(x), model(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rewritten(x), tiny_resnet()(x), atol=1e-4, rtol=1e-4)
     added = {"none": 0, "shortcut_neuron": 3, "merged": 0, "split": 0}[kind]  # one shortcut neuron per block
-    assert len(relu_names(rewritten)) == len(relu_names(model)) + added
-    if kind == "merged":  # the shortcut really goes through relu1: no addition is left in the blocks
-        assert all(not hasattr(block, "shortcut") for block in rewritten.layer2)
+    assert len(spiking_layer_names(rewritten)) == len(spiking_layer_names(model)) + added
+    additions = [n for n in trace(rewritten).graph.nodes if n.op == "call_function" and n.target is operator.add]
+    if kind == "merged":  # the shortcut really goes through relu1: no residual addition is left
+        assert additions == []
+    else:
+        assert len(additions) >= 3
 
 
 @pytest.mark.parametrize("copies", [1, 2, 4])
@@ -58,20 +67,21 @@ def test_split_neurons_round_their_input_sum_to_a_kth_of_the_threshold(copies):
 
 
 def test_ttrbr_split_staggers_the_copies_of_every_post_addition_neuron():
-    model, x = fold_batchnorm(tiny_resnet()), images(32)
+    model, x = canonical_resnet(), images(32)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "method=ttrbr", "method.restructure=split", "method.copies=2", "sim.T=8"])
-    snn = ttrbr.convert(model, calibrate(model, [x], 99.9, True, "cpu"), cfg, [x])
-    neuron = snn.layer2[0].relu2.relu
-    channels = snn.layer2[0].conv2.out_channels
+    conversion = ttrbr.convert(model, calibrate(model, [x], 99.9, True, "cpu"), cfg, [x])
+    neuron = conversion.snn.get_submodule("layer2.0.relu2.relu")
+    channels = conversion.snn.get_submodule("layer2.0.conv2").out_channels
     assert neuron.v0.tolist() == [0.25] * channels + [0.75] * channels
-    assert len(snn.diagnostics) == len(relu_names(model))
+    assert len(conversion.diagnostics) == len(spiking_layer_names(model))
 
 
 @pytest.mark.parametrize("neg_threshold", [None, 1.0])  # binary IF, and with TerMapping's negative spike
 def test_each_threshold_is_the_best_candidate_on_the_currents_from_the_tuned_layers_below(neg_threshold):
-    model, x, T, scales = restructure(tiny_resnet(), "shortcut_neuron"), images(), 6, [0.5, 0.8, 1.0, 1.3]
+    x, T, scales = images(), 6, [0.5, 0.8, 1.0, 1.3]
+    model = restructure(canonical_resnet(), "shortcut_neuron", 2, x)
     thresholds = calibrate(model, [x], 99.9, False, "cpu").thresholds
     snn = spiking_copy(model, thresholds, v0=0.5, neg_threshold=neg_threshold)
     diagnostics = ttrbr.tune(snn, model, x, scales, T, per_channel=False)
@@ -97,7 +107,7 @@ def test_each_threshold_is_the_best_candidate_on_the_currents_from_the_tuned_lay
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_tuning_lowers_every_layers_measured_error(per_channel):
-    model = fold_batchnorm(tiny_resnet())
+    model = canonical_resnet()
     x = images(32)
     calibration = calibrate(model, [x], 99.9, False, "cpu")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -108,7 +118,7 @@ def test_tuning_lowers_every_layers_measured_error(per_channel):
     fixed = ttrbr.convert(model, calibration, cfg, [x])
     T = 8
     for name, diagnostics in tuned.diagnostics.items():
-        threshold = tuned.get_submodule(name).threshold
+        threshold = tuned.snn.get_submodule(name).threshold
         assert threshold.dim() == (1 if per_channel else 0)
         assert min(cfg.method.scales) <= diagnostics["threshold_scale"] <= max(cfg.method.scales)
         # with v0 = 0.5 a constant current is rounded: the quantization error is at most threshold / (2T)
@@ -122,12 +132,13 @@ def test_tuning_lowers_every_layers_measured_error(per_channel):
 
 
 def test_mean_correction_cancels_each_channels_mean_rate_error():
-    model, x, T = fold_batchnorm(tiny_resnet()), images(32), 8
+    model, x, T = canonical_resnet(), images(32), 8
     calibration = calibrate(model, [x], 99.9, True, "cpu")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "method=ttrbr", "method.restructure=none", f"sim.T={T}", "method.correct_mean=true"])
-    snn = ttrbr.convert(model, calibration, cfg, [x])
+    conversion = ttrbr.convert(model, calibration, cfg, [x])
+    snn = conversion.snn
     # oracle: the converted network run step by step; the first layer's rate against the ANN, per channel
     name, outputs = "relu", []
     hook = snn.get_submodule(name).register_forward_hook(lambda m, args, out: outputs.append(out.clone()))
@@ -136,4 +147,4 @@ def test_mean_correction_cancels_each_channels_mean_rate_error():
     error = sum(outputs) / T - record_activations(model, [name], x)[name]
     corrected = error.transpose(0, 1).flatten(1).mean(1).abs().mean().item()
     assert snn.get_submodule(name).bias.shape == (error.shape[1],)
-    assert corrected < 0.3 * snn.diagnostics[name]["mean_error"]
+    assert corrected < 0.3 * conversion.diagnostics[name]["mean_error"]

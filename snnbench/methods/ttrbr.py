@@ -17,21 +17,41 @@ of its parts for the mean current I over the T steps: quantization Q(I) - clip(I
 of a constant input, and deviation r - Q(I), with r the actual rate.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from snnbench.calibrate import calibrate, record_activations
-from snnbench.convert import device_of, fan_out, relu_names
-from snnbench.methods import spiking_copy
+from snnbench.convert import device_of, spiking_layer_names
+from snnbench.errors import UserError
+from snnbench.methods import check_choice, check_flag, check_number, check_positive_int, converted, spiking_copy
 from snnbench.neurons import IFNeuron
-from snnbench.restructure import SplitReLU, restructure
+from snnbench.restructure import KINDS, SplitReLU, restructure
 from snnbench.simulate import simulate
 
 ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
 
 
+def validate(knobs):
+    check_number(knobs, "v0", example=0.5)
+    check_number(knobs, "neg_threshold", positive=True, allow_none=True, example=0.1)
+    check_choice(knobs, "restructure", KINDS)
+    check_positive_int(knobs, "copies", example=2)
+    check_positive_int(knobs, "T", allow_none=True, example=32)
+    check_positive_int(knobs, "tune_images", example=32)
+    for key in ("tune", "correct_mean", "per_channel"):
+        check_flag(knobs, key)
+    scales = knobs.get("scales")
+    numbers = isinstance(scales, Sequence) and not isinstance(scales, str) and all(
+        not isinstance(s, bool) and isinstance(s, int | float) and s > 0 for s in scales)
+    if not numbers or len(scales) == 0:
+        raise UserError(f"method.scales must be a non-empty list of positive numbers (candidate thresholds, x the "
+                        f"percentile threshold), got {scales!r}: e.g. method.scales=[0.5,0.75,1.0]")
+
+
 def convert(ann, calibration, cfg, batches):
     knobs = cfg.method
-    model = restructure(ann, knobs.restructure, knobs.copies)
+    model = restructure(ann, knobs.restructure, knobs.copies, batches[0][:2])
     if knobs.restructure != "none" or knobs.per_channel != calibration.per_channel:
         # new neurons, or percentiles per channel: calibrate the rewritten network the same way
         calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel, device_of(model),
@@ -41,16 +61,14 @@ def convert(ann, calibration, cfg, batches):
         split.relu.v0 = split.phases(knobs.v0).to(split.relu.threshold.device)
     images = torch.cat(batches)[:knobs.tune_images].to(device_of(model))  # the tuning runs where the model is
     scales = list(knobs.scales) if knobs.tune else [1.0]
-    snn.diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel,
-                           knobs.correct_mean)
-    snn.calibration, snn.fan = calibration, fan_out(model)  # the report counts on the rewritten ANN
-    return snn
+    diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel, knobs.correct_mean)
+    return converted(model, calibration, snn, diagnostics)  # the report counts on the rewritten ANN
 
 
 @torch.inference_mode()
 def tune(snn, ann, images, scales, T, per_channel, correct_mean=False) -> dict[str, dict]:
     """Tune every spiking layer of `snn` in one T-step simulation of `images`; return per-layer diagnostics."""
-    names = relu_names(ann)
+    names = spiking_layer_names(ann)
     targets = record_activations(ann, names, images)
     diagnostics, hooks = {}, []
     for name in names:

@@ -3,22 +3,80 @@
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from snnbench.errors import UserError
 from snnbench.models.convnet import ConvNet
+from snnbench.models.normalize import Normalize
 from snnbench.models.resnet import ResNet
 
 ARCHITECTURES = {"convnet": ConvNet, "resnet": ResNet}
+# model config keys that snnbench reads itself; a `_target_` model receives every other key as an argument
+SNNBENCH_KEYS = ("name", "arch", "normalize", "normalizes_input")
+DROPOUT_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+                   F.alpha_dropout: nn.AlphaDropout}
 
 
 def build_model(model_cfg, dataset_cfg) -> nn.Module:
-    """The model for a dataset; its input normalisation is the model's own setting or else the dataset's."""
+    """The model for a dataset: one of snnbench's architectures (`arch`), or any class or factory named by
+    `_target_` with the other keys as its arguments. Its input normalisation is the model config's `normalize`
+    or else the dataset's; a `_target_` model gets it put in front unless `normalizes_input` says it has its own."""
     norm = model_cfg.get("normalize") or dataset_cfg
-    options = {k: v for k, v in model_cfg.items() if k not in ("name", "arch", "normalize")}
-    return ARCHITECTURES[model_cfg.arch](
-        in_channels=dataset_cfg.channels, image_size=dataset_cfg.image_size,
-        num_classes=dataset_cfg.num_classes, mean=list(norm.mean), std=list(norm.std), **options)
+    if "_target_" not in model_cfg:
+        options = {k: v for k, v in model_cfg.items() if k not in SNNBENCH_KEYS}
+        return ARCHITECTURES[model_cfg.arch](
+            in_channels=dataset_cfg.channels, image_size=dataset_cfg.image_size,
+            num_classes=dataset_cfg.num_classes, mean=list(norm.mean), std=list(norm.std), **options)
+    model = _instantiate(model_cfg)
+    if model_cfg.get("normalizes_input"):
+        return model
+    return with_input_normalization(model, Normalize(list(norm.mean), list(norm.std)))
+
+
+def _instantiate(model_cfg) -> nn.Module:
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    arguments = OmegaConf.create({k: v for k, v in model_cfg.items() if k not in SNNBENCH_KEYS})
+    target = model_cfg._target_
+    try:
+        model = hydra.utils.instantiate(arguments, _convert_="all")
+    except Exception as err:  # hydra wraps the import or constructor failure; its last line is the cause
+        cause = err.__cause__ or err
+        reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"cannot build model._target_={target} ({type(cause).__name__}: {reason}): the target must "
+                        "be importable (from the working directory or PYTHONPATH) and accept the model keys given "
+                        "(add new ones with +model.<key>=...)") from err
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model._target_={target} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def with_input_normalization(model: nn.Module, normalize: Normalize) -> nn.Module:
+    """`model` traced (the same submodules and state_dict keys) with `normalize` applied to its input first.
+    Functional dropout becomes a Dropout module, so that the traced graph still follows train() and eval()."""
+    from snnbench.convert import trace, unique_name
+
+    gm = trace(model)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in DROPOUT_MODULES:
+            probability = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            name = unique_name(gm, f"{node.name}_module")
+            gm.add_submodule(name, DROPOUT_MODULES[node.target](probability))
+            with graph.inserting_after(node):
+                node.replace_all_uses_with(graph.call_module(name, (node.args[0],)))
+            graph.erase_node(node)
+    name = unique_name(gm, "normalize")
+    gm.add_submodule(name, normalize)
+    image = next(node for node in graph.nodes if node.op == "placeholder")
+    with graph.inserting_after(image):
+        normalized = graph.call_module(name, (image,))
+    image.replace_all_uses_with(normalized, delete_user_cb=lambda user: user is not normalized)
+    graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _load_failure(err: Exception) -> str:
