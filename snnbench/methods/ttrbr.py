@@ -21,13 +21,12 @@ from collections.abc import Sequence
 
 import torch
 
-from snnbench.calibrate import calibrate, record_activations
-from snnbench.convert import device_of, spiking_layer_names
+from snnbench.calibrate import calibrate
+from snnbench.convert import device_of
+from snnbench.corrections import cancel_mean_error, channel_sums, correct_layer_by_layer, rate_of
 from snnbench.errors import UserError
 from snnbench.methods import check_choice, check_flag, check_number, check_positive_int, converted, spiking_copy
-from snnbench.neurons import IFNeuron
 from snnbench.restructure import KINDS, SplitReLU, restructure
-from snnbench.simulate import simulate
 
 ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
 
@@ -65,29 +64,14 @@ def convert(ann, calibration, cfg, batches):
     return converted(model, calibration, snn, diagnostics)  # the report counts on the rewritten ANN
 
 
-@torch.inference_mode()
 def tune(snn, ann, images, scales, T, per_channel, correct_mean=False) -> dict[str, dict]:
     """Tune every spiking layer of `snn` in one T-step simulation of `images`; return per-layer diagnostics."""
-    names = spiking_layer_names(ann)
-    targets = record_activations(ann, names, images)
-    diagnostics, hooks = {}, []
-    for name in names:
-        def tune_before_firing(neuron, args, name=name):
-            currents = args[0]
-            if currents.shape[0] == len(images):  # direct coding: a layer fed by the image gets a constant current
-                currents = currents.expand(T, *currents.shape)
-            else:
-                currents = currents.view(T, len(images), *currents.shape[1:])
-            diagnostics[name] = choose_threshold(neuron, currents, targets[name], scales, per_channel)
-            if correct_mean:
-                diagnostics[name]["mean_error"] = cancel_mean_error(neuron, currents, targets[name])
-        hooks.append(snn.get_submodule(name).register_forward_pre_hook(tune_before_firing))
-    try:
-        simulate(snn, [(images, torch.zeros(len(images), dtype=torch.long))], T, chunk=T, device=images.device)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return diagnostics
+    def tune_layer(neuron, currents, target):
+        diagnostics = choose_threshold(neuron, currents, target, scales, per_channel)
+        if correct_mean:
+            diagnostics["mean_error"] = cancel_mean_error(neuron, currents, target)
+        return diagnostics
+    return correct_layer_by_layer(snn, ann, images, T, tune_layer)
 
 
 def choose_threshold(neuron, currents, target, scales, per_channel) -> dict:
@@ -105,43 +89,13 @@ def choose_threshold(neuron, currents, target, scales, per_channel) -> dict:
             **{kind: chosen[:, k].mean().sqrt().item() for k, kind in enumerate(ERRORS)}}
 
 
-def cancel_mean_error(neuron, currents, target, rounds=3) -> float:
-    """Give `neuron` a bias current per channel that cancels the mean error of its rate against the ANN on
-    `currents`. Only neurons between silence and saturation follow a shift of their current, so the shift is
-    measured and repeated `rounds` times. Returns the mean absolute error per channel before the correction."""
-    T, batch = currents.shape[:2]
-    bias, errors = currents.new_zeros(currents.shape[2]), []
-    for _ in range(rounds):
-        error = _rate(neuron, neuron.threshold, currents.flatten(0, 1), T, batch, bias) - target
-        errors.append(_channel_sums(error) / (target.numel() / target.shape[1]))
-        bias -= errors[-1]
-    neuron.bias = bias
-    return errors[0].abs().mean().item()
-
-
-def _rate(like, threshold, currents, T, batch, bias=None) -> torch.Tensor:
-    """T-step rate of a neuron of the same kind as `like` with `threshold` (and a bias current per channel, if
-    given): `currents` is [T * batch, ...] or a constant [batch, ...]."""
-    neuron = IFNeuron(threshold, v0=like.v0, c_max=like.c_max, neg_threshold=like.neg_threshold,
-                      require_positive_net=like.require_positive_net)
-    neuron.bias = bias
-    neuron.reset(batch, T)
-    neuron.steps = T
-    output = neuron(currents)
-    return output.view(T, batch, *output.shape[1:]).mean(0)
-
-
-def _channel_sums(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(0, 1).reshape(x.shape[1], -1).sum(1)
-
-
 def _squared_errors(neuron, currents, target, threshold) -> torch.Tensor:
     """Per channel, summed over images and positions: squared error against the ANN, quantization, deviation."""
     T, batch = currents.shape[:2]
-    rate = _rate(neuron, threshold, currents.flatten(0, 1), T, batch)
+    rate = rate_of(neuron, threshold, currents.flatten(0, 1), T, batch)
     mean_current = currents.mean(0)
-    constant_rate = _rate(neuron, threshold, mean_current, T, batch)
+    constant_rate = rate_of(neuron, threshold, mean_current, T, batch)
     theta = threshold.view(-1, *[1] * (target.dim() - 2)) if threshold.dim() else threshold
     clipped = torch.minimum(mean_current.clamp(min=0), theta)
-    return torch.stack([_channel_sums((rate - target) ** 2), _channel_sums((constant_rate - clipped) ** 2),
-                        _channel_sums((rate - constant_rate) ** 2)])
+    return torch.stack([channel_sums((rate - target) ** 2), channel_sums((constant_rate - clipped) ** 2),
+                        channel_sums((rate - constant_rate) ** 2)])
