@@ -147,8 +147,9 @@ class SpikingGraph:
 
 
 def _per_channel(value: torch.Tensor, sample_dims: int) -> torch.Tensor:
-    """A scalar, or per-channel values broadcast over the spatial dimensions of conv feature maps."""
-    return value if value.dim() == 0 else value.view(-1, *([1] * (sample_dims - 1)))
+    """A scalar, per-channel values broadcast over the spatial dimensions of conv feature maps, or one value per
+    neuron (shaped like one sample)."""
+    return value if value.dim() in (0, sample_dims) else value.view(-1, *([1] * (sample_dims - 1)))
 
 
 def _per_image(x: torch.Tensor) -> torch.Tensor:
