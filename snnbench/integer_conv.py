@@ -13,9 +13,9 @@ faster than the float32 convolution for VGG's layers, and nearer the exact resul
 A neuron whose every consumer computes in integers emits its coefficients c rather than c x threshold: those
 consumers fold the threshold into their weights anyway, and the neuron saves a multiplication per step.
 Layers fed by anything else (the image, additions, a split neuron's summed copies) keep their float forward.
+`integer_modules` names the modules the int8 engine (snnbench.engines.int8) calls instead of the network's.
 """
 
-import contextlib
 import functools
 import itertools
 import math
@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from snnbench.neurons import IFNeuron, SpikingGraph
@@ -55,12 +54,13 @@ def int8_conv_available() -> bool:
         return False
 
 
-class IntegerLayer:
-    """The forward of `layer` (a Conv2d or a Linear) for inputs that are whole multiples of what `neuron` emits
-    per coefficient (its threshold, or 1 when it emits coefficients) divided by `pooling_area`; or, `summed`, the
-    sums of its coefficients (poolings that sum after a neuron that emits them)."""
+class IntegerLayer(nn.Module):
+    """`layer` (a Conv2d or a Linear) for inputs that are whole multiples of what `neuron` emits per coefficient
+    (its threshold, or 1 when it emits coefficients) divided by `pooling_area`; or, `summed`, the sums of its
+    coefficients (poolings that sum after a neuron that emits them)."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, neuron: IFNeuron, pooling_area: int, summed: bool = False):
+        super().__init__()
         self.layer, self.neuron, self.pooling_area, self.summed = layer, neuron, pooling_area, summed
         # negative events (c < 0) ride on a zero point: uint8 = c + 128
         self.zero_point = 0 if neuron.neg_threshold is None else 128
@@ -107,7 +107,7 @@ class IntegerLayer:
         self.bias, self.no_zero_points = bias, torch.zeros(len(weight), dtype=torch.long)
         self.packed_threshold, self.packed_shape = threshold, input_shape
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape[1:])
         if self.packed_threshold is not self.neuron.threshold or self.packed_shape != shape:
             self._pack(shape)
@@ -220,10 +220,10 @@ def summing_poolings(graph: SpikingGraph, emitters: set[IFNeuron]) -> set[nn.Avg
     return {pool for pool, verdict in verdicts.items() if verdict}
 
 
-def _summing(pool: nn.AvgPool2d):
-    """`pool`'s forward with the sum of each window instead of its average."""
-    return functools.partial(F.avg_pool2d, kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
-                             ceil_mode=pool.ceil_mode, count_include_pad=pool.count_include_pad, divisor_override=1)
+def _summing(pool: nn.AvgPool2d) -> nn.AvgPool2d:
+    """`pool` with the sum of each window instead of its average."""
+    return nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad,
+                        divisor_override=1)
 
 
 def coefficient_emitters(graph: SpikingGraph, integer_layers: set[str]) -> set[IFNeuron]:
@@ -239,9 +239,11 @@ def skippable_flattens(graph: SpikingGraph, integer_layers: dict[str, nn.Module]
     return {flatten for flatten in _feeding_only(graph, nn.Flatten, linear) if _passes_spikes(flatten, None)}
 
 
-def _map_or_rows(x: torch.Tensor) -> torch.Tensor:
-    """A skipped flatten's forward: a map stays as it is for the integer linear layer, anything else flattens."""
-    return x if x.dim() == 4 else x.flatten(1)
+class MapOrRows(nn.Module):
+    """A skipped flatten: a map stays as it is for the integer linear layer, anything else flattens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dim() == 4 else x.flatten(1)
 
 
 def _feeding_only(graph: SpikingGraph, kind: type, layers: set[str]) -> set[nn.Module]:
@@ -303,33 +305,25 @@ def _pooling_area(pool: nn.AvgPool2d) -> int | None:
     return size[0] * size[1]
 
 
-@contextlib.contextmanager
-def integer_layers(model: nn.Module, min_depth: int | None = 0):
-    """Within the block the spike-fed convs and linear layers of `model` at least `min_depth` deep (multiply-
-    accumulates per output value; None: none) compute in integers; the neurons that feed nothing else emit their
-    coefficients, the poolings after those sum, and the flattens before integer linear layers alone pass maps on.
-    All is as before after the block."""
-    graph = None if min_depth is None else SpikingGraph(model)
-    sources = {} if graph is None else spike_fed_layers(graph)
-    layers = {name: model.get_submodule(name) for name in sources}
-    layers = {name: layer for name, layer in layers.items() if _depth(layer) >= min_depth}
+def integer_modules(graph: SpikingGraph, min_depth: int = 0) -> dict[str, nn.Module]:
+    """The modules that compute `graph`'s network in integers where it can, by the name of the network's module
+    each one stands for: the spike-fed convs and linear layers at least `min_depth` deep (multiply-accumulates per
+    output value) as IntegerLayers; the neurons that feed nothing else as neurons that emit their coefficients;
+    the poolings after those summing; the flattens before integer linear layers alone passing maps on. The
+    network's own modules are not changed."""
+    sources = spike_fed_layers(graph)
+    layers = {name: graph.modules[name] for name in sources if _depth(graph.modules[name]) >= min_depth}
     emitters = coefficient_emitters(graph, set(layers)) if layers else set()
     poolings = summing_poolings(graph, emitters) if emitters else set()
     flattens = skippable_flattens(graph, layers) if layers else set()
+    names = {graph.module(node): node.target for node in graph.nodes if graph.module(node) is not None}
+    emitting = {neuron: IFNeuron.like(neuron, emits_coefficients=True) for neuron in emitters}
+    replacements = {}
     for name, layer in layers.items():
         source = sources[name]
-        layer.forward = IntegerLayer(layer, source.neuron, source.pooling_area,
-                                     summed=source.neuron in emitters and poolings.issuperset(source.poolings))
-    for pool in poolings:
-        pool.forward = _summing(pool)
-    for flatten in flattens:
-        flatten.forward = _map_or_rows
-    for neuron in emitters:
-        neuron.emits_coefficients = True
-    try:
-        yield
-    finally:
-        for module in (*layers.values(), *poolings, *flattens):
-            del module.forward
-        for neuron in emitters:
-            neuron.emits_coefficients = False
+        replacements[name] = IntegerLayer(layer, emitting.get(source.neuron, source.neuron), source.pooling_area,
+                                          summed=source.neuron in emitters and poolings.issuperset(source.poolings))
+    replacements.update({names[pool]: _summing(pool) for pool in poolings})
+    replacements.update({names[flatten]: MapOrRows() for flatten in flattens})
+    replacements.update({names[neuron]: emitting[neuron] for neuron in emitters})
+    return replacements

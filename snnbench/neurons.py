@@ -7,7 +7,8 @@
 Each step a neuron emits one coefficient c (0 = silent) carrying c * threshold downstream, and subtracts
 what it emitted from its membrane (reset by subtraction). A neuron whose consumers all fold the threshold into
 their weights (the integer layers of snnbench.integer_conv) emits c itself. The simulation engine folds several
-time steps into the batch dimension; only this module loops over them.
+time steps into the batch dimension; only the neurons loop over them (here in PyTorch operations; a subclass may
+run a chunk of steps its own way, as snnbench.triton_neuron does in one kernel).
 """
 
 import torch
@@ -23,6 +24,7 @@ class IFNeuron(nn.Module):
         c_max: int | None = 1,
         neg_threshold: float | None = None,
         require_positive_net: bool = True,
+        emits_coefficients: bool = False,
     ):
         super().__init__()
         threshold = torch.as_tensor(threshold, dtype=torch.float32)
@@ -34,19 +36,30 @@ class IFNeuron(nn.Module):
         self.neg_threshold = neg_threshold
         self.require_positive_net = require_positive_net
         self.register_buffer("bias", None)  # optional current per channel, added every step (TTRBR)
-        self.emits_coefficients = False
+        self.emits_coefficients = emits_coefficients
         self.steps = 1
         self.reset(batch=0, total_steps=0)
 
+    @classmethod
+    def like(cls, neuron: "IFNeuron", emits_coefficients: bool | None = None) -> "IFNeuron":
+        """A neuron of this class with `neuron`'s knobs and buffers (the same tensors) and a state of its own,
+        emitting its coefficients if `emits_coefficients` (None: as `neuron` does)."""
+        copy = cls(neuron.threshold, neuron.v0, neuron.c_max, neuron.neg_threshold, neuron.require_positive_net,
+                   neuron.emits_coefficients if emits_coefficients is None else emits_coefficients)
+        copy.bias = neuron.bias
+        return copy
+
     def reset(self, batch: int, total_steps: int):
-        """Start a new sample batch: clear the membrane and the per-step counters."""
+        """Start a new sample batch: clear the membrane and the per-step counters, which stay on the neuron's
+        device (no copy to the host per chunk)."""
         self.batch = batch
         self.t = 0
         self.v = None
         self.net = None
         self.scratch = None
-        self.events = torch.zeros(total_steps, dtype=torch.float64)
-        self.units = torch.zeros(total_steps, dtype=torch.float64)
+        # per step: spike units (sum of |c|) and events (non-zero c)
+        self.counts = torch.zeros(2, total_steps, dtype=torch.float64, device=self.threshold.device)
+        self.units, self.events = self.counts
 
     def extra_repr(self):
         def show(value):
@@ -59,22 +72,32 @@ class IFNeuron(nn.Module):
         steps, batch = self.steps, self.batch
         # A batch-sized input in a multi-step chunk is a constant current (direct coding, computed once).
         constant = steps > 1 and x.shape[0] == batch
-        currents = x if constant else x.view(steps, batch, *x.shape[1:])
         theta = _per_channel(self.threshold, x.dim() - 1)
-        if self.bias is not None:
-            currents = currents + _per_channel(self.bias, x.dim() - 1)
         layout = _layout(x)
         if self.v is None:
             v0 = _per_channel(self.v0, x.dim() - 1) * theta
             self.v = v0.expand(batch, *x.shape[1:]).clone(memory_format=layout)
-            negative = self.neg_threshold is not None
-            self.net = torch.zeros_like(self.v) if negative else None
+            self.net = torch.zeros_like(self.v) if self.neg_threshold is not None else None
+        # the emitted values, written in place
+        out = torch.empty((steps * batch, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=layout)
+        self.counts[:, self.t:self.t + steps] += self._run_steps(x, constant, theta, out)
+        self.t += steps
+        return out
+
+    def _run_steps(self, x: torch.Tensor, constant: bool, theta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Integrate this chunk's input `x` ([steps x batch, ...], or one constant current [batch, ...]) step by
+        step, firing into `out` [steps x batch, ...]; return the spike units and events of each step [2, steps]."""
+        steps, batch = self.steps, self.batch
+        currents = x if constant else x.view(steps, batch, *x.shape[1:])
+        if self.bias is not None:
+            currents = currents + _per_channel(self.bias, x.dim() - 1)
+        if self.scratch is None:
             # this step's coefficients (or their magnitudes, when the neuron emits them) and negative events:
             # reused by every step (no allocation, stays in cache)
+            negative = self.neg_threshold is not None
             self.scratch = torch.empty_like(self.v), (torch.empty_like(self.v) if negative else None)
-        # written in place: the emitted values (returned) and, per step and image, the spike units and events
-        out = torch.empty((steps * batch, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=layout)
         out = out.view(steps, batch, *x.shape[1:])
+        # per step and image, the spike units and events
         counts = torch.empty((2, steps, batch), dtype=x.dtype, device=x.device)
         scratch, undo = self.scratch
         for step in range(steps):
@@ -82,11 +105,7 @@ class IFNeuron(nn.Module):
             c, emitted = (out[step], None) if self.emits_coefficients else (scratch, out[step])
             self._fire(theta, c, emitted, undo)
             self._count(_per_image(c), _per_image(scratch), counts[:, step])
-        units, events = counts.double().sum(2).cpu()
-        self.units[self.t:self.t + steps] += units
-        self.events[self.t:self.t + steps] += events
-        self.t += steps
-        return out.view(steps * batch, *x.shape[1:])
+        return counts.double().sum(2)
 
     def _fire(self, theta: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None, undo: torch.Tensor | None):
         """Write this step's coefficients into `c`, c * theta into `out` (None: c is what is emitted), and update
@@ -118,14 +137,14 @@ class IFNeuron(nn.Module):
 
     def _count(self, c: torch.Tensor, scratch: torch.Tensor, counts: torch.Tensor):
         """Per image [batch, n] -> counts [2, batch]: spike units (sum of |c|) and events (non-zero c), exact
-        integers in float32, with `scratch` (may be c itself) to write |c| into. Without negative events c >= 0;
-        with c_max = 1 every event is one spike unit."""
+        integers in float32, with `scratch` (may be c itself; never the emitted output) to write into. Without
+        negative events c >= 0; with c_max = 1 every event is one spike unit."""
         magnitude = c if self.neg_threshold is None else torch.abs(c, out=scratch)
         torch.sum(magnitude, 1, out=counts[0])
         if self.c_max == 1:
             counts[1] = counts[0]
         else:
-            torch.sum(magnitude.clamp_(max=1), 1, out=counts[1])
+            torch.sum(torch.clamp(magnitude, max=1, out=scratch), 1, out=counts[1])
 
 
 class _NeuronTracer(torch.fx.Tracer):
@@ -138,12 +157,22 @@ class SpikingGraph:
     module call."""
 
     def __init__(self, model: nn.Module):
-        self.nodes = list(_NeuronTracer().trace(model).nodes)
+        self.model = model
+        self.graph = _NeuronTracer().trace(model)
+        self.nodes = list(self.graph.nodes)
         self.modules = dict(model.named_modules())
 
     def module(self, node) -> nn.Module | None:
         """The module a node calls (None for any other node, or anything that is not a node)."""
         return self.modules[node.target] if isinstance(node, torch.fx.Node) and node.op == "call_module" else None
+
+    def with_modules(self, replacements: dict[str, nn.Module]) -> torch.fx.GraphModule:
+        """A new module that computes this graph, calling `replacements[name]` where the network calls its module
+        `name`, and the network's own modules (shared, not copied) everywhere else; the network is not changed."""
+        module = torch.fx.GraphModule(self.model, self.graph)
+        for name, replacement in replacements.items():
+            module.add_submodule(name, replacement)  # into the new module's own containers
+        return module
 
 
 def _per_channel(value: torch.Tensor, sample_dims: int) -> torch.Tensor:

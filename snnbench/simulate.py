@@ -1,17 +1,24 @@
 """The time-stepped engine. Stateless layers (conv, linear, pooling) run once per chunk of time steps folded
-into the batch; only the neurons loop over time. One simulation to T gives the accuracy at every t <= T."""
+into the batch; only the neurons loop over time. One simulation to T gives the accuracy at every t <= T.
 
-import contextlib
+Here: the engine knobs of the `sim` config resolved for a device (`engine_settings`), the interface every backend
+implements (`Backend`: a spiking network and the settings in, a `Simulation` out) and the loop over blocks of
+images and chunks of steps that they share. The backends themselves are the modules of snnbench.engines.
+"""
+
+import abc
 import ctypes
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import psutil
 import torch
 from torch import nn
 
+from snnbench import engines
 from snnbench.convert import device_of
 from snnbench.errors import UserError
-from snnbench.integer_conv import cpu_has_amx, int8_conv_available, integer_layers
+from snnbench.integer_conv import cpu_has_amx
 from snnbench.neurons import IFNeuron, SpikingGraph
 
 # Defaults for sim.sub_batch=auto (images simulated at once), sim.chunk=auto (time steps folded into one batch)
@@ -58,6 +65,115 @@ class SimulationResult:
 
     def accuracy(self) -> torch.Tensor:
         return self.correct.double() / max(self.num_images, 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to simulate: what a backend needs besides the network."""
+    T: int
+    chunk: int                                            # time steps folded into one batch
+    coding: str = "direct"                                # direct | poisson
+    device: str | torch.device = "cpu"
+    seed: int = 0                                         # Poisson draws
+    layout: torch.memory_format = torch.contiguous_format  # of 4-D feature maps
+    sub_batch: int | None = None                          # images simulated at once (None: whole batches)
+    integer_min_depth: int | None = 0                     # int8: the shallowest spike-fed layer in integers
+
+
+class Simulation:
+    """A backend's module for one network, ready to simulate batches."""
+
+    def __init__(self, module: torch.fx.GraphModule, settings: Settings):
+        self.module, self.settings = module, settings
+        called = {node.target for node in module.graph.nodes if node.op == "call_module"}
+        self.neurons = {name: neuron for name, neuron in module.named_modules()
+                        if name in called and isinstance(neuron, IFNeuron)}
+
+    @torch.inference_mode()
+    def run(self, batches, progress=None) -> SimulationResult:
+        """T steps on every (images, labels) batch, `sub_batch` images at a time, `chunk` steps folded into one
+        batch at a time; the counters stay on the device until the end."""
+        T, chunk, coding, device = self.settings.T, self.settings.chunk, self.settings.coding, self.settings.device
+        correct = torch.zeros(T, dtype=torch.long, device=device)
+        events = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons}
+        units = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons}
+        generator = torch.Generator(device=device).manual_seed(self.settings.seed)
+        num_images = 0
+        for images, labels in _parts(batches, self.settings.sub_batch, device, self.settings.layout):
+            batch = images.shape[0]
+            for neuron in self.neurons.values():
+                neuron.reset(batch, T)
+            accumulated = None
+            for start in range(0, T, chunk):
+                steps = min(chunk, T - start)
+                for neuron in self.neurons.values():
+                    neuron.steps = steps
+                inputs = images if coding == "direct" else placed(_poisson(images, steps, generator), device,
+                                                                   self.settings.layout)
+                # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
+                outputs = self.module(inputs).view(steps, batch, -1).cumsum(0)
+                if accumulated is not None:
+                    outputs += accumulated
+                accumulated = outputs[-1]
+                correct[start:start + steps] += (outputs.argmax(-1) == labels).sum(1)
+            for name, neuron in self.neurons.items():
+                events[name] += neuron.events
+                units[name] += neuron.units
+            num_images += batch
+            if progress:
+                progress(batch)
+        return SimulationResult(correct.cpu(), num_images, {name: e.cpu() for name, e in events.items()},
+                                {name: u.cpu() for name, u in units.items()})
+
+
+class Backend(abc.ABC):
+    """A way to simulate a spiking network (a module holding IFNeuron layers): one module of snnbench.engines
+    each, as its BACKEND. A backend computes with modules of its own where it computes differently, in a module
+    graph of its own built from the network's traced graph; it never replaces the network's modules or their
+    forward methods."""
+    name: str  # sim.engine=<name>
+
+    def unavailable(self, device) -> str | None:
+        """Why this backend cannot simulate on `device` here, with the fix (None: it can)."""
+        return None
+
+    def prepare(self, network: nn.Module, settings: Settings) -> Simulation:
+        """`network`, moved to the settings' device and layout, as this backend simulates it."""
+        network.eval().to(settings.device, memory_format=settings.layout)
+        return Simulation(self.module_graph(SpikingGraph(network), settings), settings)
+
+    @abc.abstractmethod
+    def module_graph(self, graph: SpikingGraph, settings: Settings) -> torch.fx.GraphModule:
+        """The module that computes `graph`'s network the way this backend does (SpikingGraph.with_modules)."""
+
+
+class ComputedOnce(nn.Module):
+    """`module`, giving its last output again when called with the same input tensor (the same object: the
+    images of one block, or what such a module returned)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module, self.input, self.output = module, None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.input:
+            self.input, self.output = x, self.module(x)
+        return self.output
+
+
+def computed_once(graph: SpikingGraph) -> dict[str, nn.Module]:
+    """The modules between the input and the first neurons (stateless, fed only the input or one another), each
+    computed once per input tensor, by name: with direct coding every chunk of a block feeds the same images, so
+    their currents are computed once per block, not once per chunk."""
+    constant, found = set(), {}
+    for node in graph.nodes:
+        module = graph.module(node)
+        if node.op == "placeholder" or (module is not None and not isinstance(module, IFNeuron) and
+                                         node.all_input_nodes and set(node.all_input_nodes) <= constant):
+            constant.add(node)
+            if module is not None:
+                found[node.target] = ComputedOnce(module)
+    return found
 
 
 def spiking_layers(model: nn.Module) -> dict[str, IFNeuron]:
@@ -117,62 +233,61 @@ def memory_format(channels_last, device) -> torch.memory_format:
 LAYOUT_NAMES = {torch.channels_last: "channels-last", torch.contiguous_format: "standard layout"}
 
 
-def engine_settings(sim, model: nn.Module, image: torch.Tensor, device) -> tuple:
-    """The `sim` config's engine knobs resolved for `model` (one `image` of its input) on `device`: (images per
-    block, steps per chunk, feature-map layout, integer layers' minimum depth), and their one-line description."""
+class EngineSettings(NamedTuple):
+    """The `sim` config's engine knobs resolved for one network on one device."""
+    engine: str                      # the backend (snnbench.engines)
+    sub_batch: int                   # images per block
+    chunk: int                       # steps per chunk
+    layout: torch.memory_format
+    integer_min_depth: int | None    # the int8 engine's integer layers (None: another engine)
+
+    def describe(self) -> str:
+        integer = "" if self.integer_min_depth is None else f", integer layers of depth >= {self.integer_min_depth}"
+        return (f"{self.engine} engine, {self.sub_batch} images x {self.chunk} steps at a time, "
+                f"{LAYOUT_NAMES[self.layout]}{integer}")
+
+
+def engine_settings(sim, model: nn.Module, image: torch.Tensor, device) -> EngineSettings:
+    """The `sim` config's engine knobs resolved for `model` (one `image` of its input) on `device`."""
+    engine, min_depth = choose_engine(sim.engine, sim.integer_conv, device)
     sub_batch = choose_sub_batch(sim.sub_batch, sim.batch_size, device)
-    chunk = choose_chunk(sim.chunk, sim.T, sub_batch, activation_elements(model, image), sim.max_memory_mb, device)
-    layout, min_depth = memory_format(sim.channels_last, device), integer_min_depth(sim.integer_conv, device)
-    integer = "" if min_depth is None else f", integer layers of depth >= {min_depth}"
-    description = f"{sub_batch} images x {chunk} steps at a time, {LAYOUT_NAMES[layout]}{integer}"
-    return (sub_batch, chunk, layout, min_depth), description
+    chunk = 1 if engine == "reference" else choose_chunk(sim.chunk, sim.T, sub_batch, activation_elements(model, image),
+                                                         sim.max_memory_mb, device)
+    return EngineSettings(engine, sub_batch, chunk, memory_format(sim.channels_last, device), min_depth)
 
 
-def integer_min_depth(setting, device) -> int | None:
-    """sim.integer_conv (true / false / auto) on `device` as the smallest depth (multiply-accumulates per output
-    value) of a spike-fed conv or linear layer that computes in integers, None for none. true: every one (0);
-    auto: INTEGER_MIN_DEPTH on a CPU with AMX, where it was measured; elsewhere it is not measured, so none."""
-    on_cpu = torch.device(device).type == "cpu"
-    if setting in (None, "auto"):
-        return INTEGER_MIN_DEPTH if on_cpu and cpu_has_amx() and int8_conv_available() else None
-    if setting and not (on_cpu and int8_conv_available()):
-        raise UserError("sim.integer_conv=true needs device=cpu and a PyTorch with oneDNN's int8 convolution "
-                        f"(device here: {device}): set sim.integer_conv=false or auto")
-    return 0 if setting else None
+def choose_engine(setting, integer_conv, device) -> tuple[str, int | None]:
+    """sim.engine and sim.integer_conv on `device` as the backend to simulate with and, for int8, the smallest
+    depth of its integer layers (None for the other backends). auto is the fastest measured for the device: on a
+    GPU the fused Triton kernel (torch where Triton cannot run); on a CPU int8 where sim.integer_conv is true, or
+    auto on a CPU with AMX (where it was measured), else torch."""
+    if setting != "auto" and setting not in engines.names():
+        raise UserError(f"sim.engine must be auto or one of {', '.join(engines.names())}, got {setting!r}")
+    if setting == "auto" and torch.device(device).type == "cpu":
+        measured = integer_conv is True or (integer_conv == "auto" and cpu_has_amx())
+        setting = "int8" if measured and engines.get("int8").unavailable(device) is None else "torch"
+    elif setting == "auto":
+        setting = "triton" if engines.get("triton").unavailable(device) is None else "torch"
+    if integer_conv is True and setting != "int8":
+        raise UserError(f"sim.integer_conv=true asks for the int8 engine, which needs device=cpu and a PyTorch "
+                        f"with oneDNN's int8 convolution (here: sim.engine={setting} on {device}): set "
+                        "sim.integer_conv=auto or false")
+    if setting == "int8" and integer_conv is False:
+        raise UserError("sim.engine=int8 computes the spike-fed layers in integers, which sim.integer_conv=false "
+                        "turns off: set sim.integer_conv=auto or true, or another sim.engine")
+    reason = engines.get(setting).unavailable(device)
+    if reason:
+        raise UserError(reason)
+    return setting, int8_min_depth(integer_conv) if setting == "int8" else None
 
 
-class _LastResult:
-    """A module's forward that returns its last output again when called with the same input tensor (the same
-    object: the images of one batch, or what such a module returned)."""
-
-    def __init__(self, forward):
-        self.forward, self.input, self.output = forward, None, None
-
-    def __call__(self, x):
-        if x is not self.input:
-            self.input, self.output = x, self.forward(x)
-        return self.output
-
-
-@contextlib.contextmanager
-def constant_inputs_computed_once(model: nn.Module):
-    """Within the block the modules between the input and the first neurons (stateless, fed only the input or
-    one another) compute once per input tensor: with direct coding every chunk of a batch feeds the same images,
-    so their currents are computed once per batch, not once per chunk."""
-    graph, constant, memoised = SpikingGraph(model), set(), []
-    for node in graph.nodes:
-        module = graph.module(node)
-        if node.op == "placeholder" or (module is not None and not isinstance(module, IFNeuron) and
-                                         node.all_input_nodes and set(node.all_input_nodes) <= constant):
-            constant.add(node)
-            if module is not None and module not in memoised:
-                module.forward = _LastResult(module.forward)
-                memoised.append(module)
-    try:
-        yield
-    finally:
-        for module in memoised:
-            del module.forward
+def int8_min_depth(integer_conv) -> int | None:
+    """The int8 engine's smallest depth (multiply-accumulates per output value) of a spike-fed conv or linear
+    layer in integers, for sim.integer_conv: true every one (0), auto those INTEGER_MIN_DEPTH deep, false none
+    (None: no int8 engine)."""
+    if integer_conv is False:
+        return None
+    return 0 if integer_conv is True else INTEGER_MIN_DEPTH
 
 
 def placed(x: torch.Tensor, device, layout: torch.memory_format) -> torch.Tensor:
@@ -195,51 +310,12 @@ def _parts(batches, size: int | None, device, layout):
             yield images[first:first + size_here], labels[first:first + size_here]
 
 
-@torch.inference_mode()
 def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
-             progress=None, layout=torch.contiguous_format, integer_min_depth=None,
-             sub_batch: int | None = None) -> SimulationResult:
-    """Run T steps on every (images, labels) batch, `sub_batch` images at a time (None: the whole batch); `chunk`
-    steps are folded into one batch at a time; feature maps in `layout` (a torch.memory_format); the spike-fed
-    convs and linear layers at least `integer_min_depth` deep compute in integers (None: none)."""
-    model = model.eval().to(device, memory_format=layout)
-    computed_once = constant_inputs_computed_once if coding == "direct" else contextlib.nullcontext
-    with computed_once(model), integer_layers(model, integer_min_depth):
-        neurons = spiking_layers(model)
-        correct = torch.zeros(T, dtype=torch.long)
-        events = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
-        units = {name: torch.zeros(T, dtype=torch.float64) for name in neurons}
-        generator = torch.Generator(device=device).manual_seed(seed)
-        num_images = 0
-        for images, labels in _parts(batches, sub_batch, device, layout):
-            batch = images.shape[0]
-            for neuron in neurons.values():
-                neuron.reset(batch, T)
-            accumulated = None
-            for start in range(0, T, chunk):
-                steps = min(chunk, T - start)
-                for neuron in neurons.values():
-                    neuron.steps = steps
-                inputs = images if coding == "direct" else placed(_poisson(images, steps, generator), device, layout)
-                # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
-                outputs = model(inputs).view(steps, batch, -1).cumsum(0)
-                if accumulated is not None:
-                    outputs += accumulated
-                accumulated = outputs[-1]
-                correct[start:start + steps] += (outputs.argmax(-1) == labels).sum(1).cpu()
-            for name, neuron in neurons.items():
-                events[name] += neuron.events
-                units[name] += neuron.units
-            num_images += batch
-            if progress:
-                progress(batch)
-        return SimulationResult(correct, num_images, events, units)
-
-
-def simulate_step_by_step(model, batches, T: int, coding="direct", device="cpu", seed=0,
-                          layout=torch.contiguous_format, integer_min_depth=None,
-                          sub_batch: int | None = None) -> SimulationResult:
-    """The test oracle: one full network pass per time step, nothing folded (the same parts of each batch, so
-    that Poisson coding draws the same spikes)."""
-    return simulate(model, batches, T, chunk=1, coding=coding, device=device, seed=seed, layout=layout,
-                    integer_min_depth=integer_min_depth, sub_batch=sub_batch)
+             progress=None, layout=torch.contiguous_format, sub_batch: int | None = None, engine: str = "torch",
+             integer_min_depth: int | None = 0) -> SimulationResult:
+    """Run T steps on every (images, labels) batch with the backend `engine` (snnbench.engines), `sub_batch`
+    images at a time (None: the whole batch); `chunk` steps are folded into one batch at a time; feature maps in
+    `layout` (a torch.memory_format); with the int8 engine the spike-fed convs and linear layers at least
+    `integer_min_depth` deep compute in integers."""
+    settings = Settings(T, chunk, coding, device, seed, layout, sub_batch, integer_min_depth)
+    return engines.get(engine).prepare(model, settings).run(batches, progress)

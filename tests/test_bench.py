@@ -7,6 +7,7 @@ from test_cli import snnbench  # tests/ is on sys.path (pytest rootdir-relative 
 
 from snnbench.bench import COLUMNS, ENGINES, Unsupported, Workload, _spikingjelly, run_bench
 from snnbench.errors import UserError
+from snnbench.integer_conv import int8_conv_available
 from snnbench.models.resnet import ResNet
 
 
@@ -17,13 +18,19 @@ def test_bench_writes_one_row_per_engine(tmp_path):
     assert done.returncode == 0, done.stderr
     frame = pd.read_csv(out)
     assert list(frame.columns) == COLUMNS
-    assert frame.engine.tolist() == list(ENGINES)
+    # bench.engines: every engine, in the configured order
+    assert frame.engine.tolist() == ["torch", "int8", "triton", "reference", "ann_floor", "spikingjelly"]
+    assert set(frame.engine) == set(ENGINES)
     rows = frame.set_index("engine")
-    for engine in ("snnbench", "reference", "ann_floor"):
+    measured = ["torch", "reference", "ann_floor"] + (["int8"] if int8_conv_available() else [])
+    for engine in measured:
         assert rows.image_steps_per_s[engine] > 0 and rows.peak_mem_mb[engine] >= 0
+        assert rows.accuracy[engine] == rows.accuracy["reference"] or engine == "ann_floor"
     assert rows.ratio_to_floor["ann_floor"] == 1.0
-    assert rows.accuracy["snnbench"] == rows.accuracy["reference"]
-    assert "identical correct counts at every t" in done.stderr
+    assert "torch and the step-by-step reference: identical correct counts at every t" in done.stderr
+    # the fused kernel runs on CUDA: on this CPU its row says why it is empty
+    assert pd.isna(rows.image_steps_per_s["triton"])
+    assert "triton: unavailable: sim.engine=triton runs on CUDA devices" in done.stderr
     # SpikingJelly is an optional extra: measured when installed, else the row says so and stays empty
     if pd.isna(rows.image_steps_per_s["spikingjelly"]):
         assert "not installed" in done.stderr
@@ -34,7 +41,7 @@ def test_bench_writes_one_row_per_engine(tmp_path):
 
 def workload(model) -> Workload:
     images = torch.rand(4, 3, 32, 32)
-    return Workload(ann=model.eval(), folded=model, snn=model, batches=[(images, torch.arange(4))],
+    return Workload(ann=model.eval(), snn=model, batches=[(images, torch.arange(4))],
                     calibration=[images], T=2, sub_batch=4, chunk=2, channels_last=False, integer_min_depth=None,
                     coding="direct", device="cpu", seed=0)
 

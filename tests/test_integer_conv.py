@@ -120,8 +120,11 @@ def test_resnet_convs_after_additions_and_split_neurons_keep_float():
     # a block's inner neuron feeds its conv2 alone; the others feed a conv and an addition too
     inner = {snn.get_submodule(f"layer{s}.0.relu1") for s in (1, 2, 3)}
     assert coefficient_emitters(graph, every_block_conv) == inner
-    assert coefficient_emitters(graph, every_block_conv - {"layer2.0.conv2"}) == inner - {snn.layer2[0].relu1}
-    split = converted(restructure(resnet, "split"))
+    assert coefficient_emitters(graph, every_block_conv - {"layer2.0.conv2"}) == inner - {
+        snn.get_submodule("layer2.0.relu1")}
+    rewritten = restructure(canonicalize(resnet).module, "split", 2, torch.rand(2, 3, 32, 32))
+    split = spiking_copy(rewritten, {name: torch.tensor(0.5) for name, module in rewritten.named_modules()
+                                     if isinstance(module, nn.ReLU)})
     # a block's conv1 is fed the previous block's split neuron (its copies summed), except the stem's neuron
     assert set(spike_fed_layers(SpikingGraph(split))) == {"layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv2",
                                                           "layer3.0.conv2"}
@@ -227,8 +230,9 @@ def test_poolings_after_emitting_neurons_sum_and_a_shared_one_keeps_averaging():
 
 def test_only_flattens_that_feed_integer_linear_layers_alone_are_skipped():
     snn = spiking_vgg()
-    assert skippable_flattens(SpikingGraph(snn), {"classifier.1": snn.classifier[1]}) == {snn.classifier[0]}
-    assert skippable_flattens(SpikingGraph(snn), {"features.11": snn.features[11]}) == set()
+    layer = snn.get_submodule
+    assert skippable_flattens(SpikingGraph(snn), {"classifier.1": layer("classifier.1")}) == {layer("classifier.0")}
+    assert skippable_flattens(SpikingGraph(snn), {"features.11": layer("features.11")}) == set()
     spiking = nn.Sequential(nn.Flatten(), IFNeuron(torch.tensor(0.5)), nn.Linear(4, 2))  # a neuron between
     assert skippable_flattens(SpikingGraph(spiking), {"2": spiking[2]}) == set()
 

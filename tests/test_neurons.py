@@ -101,3 +101,11 @@ def test_counters_count_events_and_spike_units():
     run(neuron, torch.tensor([[3.5, 0.2, 1.0]]))
     assert neuron.events.tolist() == [2.0]
     assert neuron.units.tolist() == [4.0]
+
+
+@pytest.mark.parametrize("neg_threshold", [None, 1.0])
+def test_a_neuron_that_emits_its_coefficients_emits_them_whole(neg_threshold):
+    neuron = IFNeuron(1.0, c_max=4, neg_threshold=neg_threshold, emits_coefficients=True)
+    assert run(neuron, torch.tensor([[3.5, 0.25, 1.0, 9.0]])).tolist() == [[3.0, 0.0, 1.0, 4.0]]
+    assert neuron.events.tolist() == [3.0] and neuron.units.tolist() == [8.0]
+    assert neuron.v.tolist() == [0.5, 0.25, 0.0, 5.0]

@@ -3,8 +3,14 @@ import pytest
 import torch
 from torch import nn
 
+from snnbench.errors import UserError
+from snnbench.integer_conv import int8_conv_available
 from snnbench.neurons import IFNeuron
-from snnbench.simulate import choose_chunk, choose_sub_batch, memory_budget_mb, simulate, simulate_step_by_step
+from snnbench.simulate import choose_chunk, choose_engine, choose_sub_batch, memory_budget_mb, simulate
+
+
+def simulate_step_by_step(model, batches, T, **settings):
+    return simulate(model, batches, T, 1, engine="reference", **settings)
 
 
 def batches(n=3, batch=5, shape=(1, 6, 6)):
@@ -24,12 +30,13 @@ def spiking_net(**knobs):
 def test_one_simulation_equals_step_by_step_reference(knobs, coding):
     data, T = batches(), 9
     reference = simulate_step_by_step(spiking_net(**knobs), data, T, coding=coding, seed=3)
+    assert all(events.sum() > 0 for events in reference.events.values())
     for chunk in (2, 4, 9):
         folded = simulate(spiking_net(**knobs), data, T, chunk, coding=coding, seed=3)
         assert torch.equal(folded.correct, reference.correct)
         for name in reference.events:
-            torch.testing.assert_close(folded.events[name], reference.events[name])
-            torch.testing.assert_close(folded.units[name], reference.units[name])
+            assert torch.equal(folded.events[name], reference.events[name])
+            assert torch.equal(folded.units[name], reference.units[name])
 
 
 @pytest.mark.parametrize("coding", ["direct", "poisson"])
@@ -74,9 +81,10 @@ def test_with_direct_coding_the_first_layer_computes_once_per_batch(coding):
     first, net[0] = net[0], CountingConv(1, 4, 3, padding=1)
     net[0].load_state_dict(first.state_dict())
     net[0].calls = 0
+    modules = list(net.named_modules())
     result = simulate(net, data, 8, chunk=2, coding=coding, seed=3)
     assert net[0].calls == len(data) * (1 if coding == "direct" else 4)  # 4 chunks per batch
-    assert "forward" not in net[0].__dict__  # its own forward back after the run
+    assert list(net.named_modules()) == modules and "forward" not in net[0].__dict__  # the network as it was
     same = simulate(spiking_net(), data, 8, chunk=2, coding=coding, seed=3)
     assert torch.equal(result.correct, same.correct) and torch.equal(result.events["1"], same.events["1"])
 
@@ -101,3 +109,24 @@ def test_memory_budget_defaults_to_half_the_free_memory():
     assert 0 < memory_budget_mb(None, "cpu") <= psutil.virtual_memory().total / 2**21
     huge = psutil.virtual_memory().total // 4  # float32 elements per image: one step needs 2x the whole RAM
     assert choose_chunk(32, 64, 1, huge, None, "cpu") == 1
+
+
+def test_the_engine_is_chosen_for_the_device_and_refused_with_the_fix(monkeypatch):
+    assert choose_engine("auto", False, "cpu") == ("torch", None)
+    assert choose_engine("reference", "auto", "cpu") == ("reference", None)
+    assert choose_engine("auto", "auto", "cuda") == ("triton", None)  # Triton ships with the CUDA build of torch
+    if int8_conv_available():
+        assert choose_engine("auto", True, "cpu") == ("int8", 0)
+        assert choose_engine("int8", "auto", "cpu") == ("int8", 256)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for args, message in [
+        (("fast", "auto", "cpu"), "sim.engine must be auto or one of int8, reference, torch, triton, got 'fast'"),
+        (("triton", "auto", "cpu"), r"sim.engine=triton runs on CUDA devices \(device here: cpu\): set device=cuda, "
+                                    "or TRITON_INTERPRET=1"),
+        (("int8", "auto", "cuda"), "sim.engine=int8 needs device=cpu"),
+        (("int8", False, "cpu"), "sim.integer_conv=false turns off: set sim.integer_conv=auto or true"),
+        (("auto", True, "cuda"), "sim.integer_conv=true asks for the int8 engine, which needs device=cpu"),
+        (("torch", True, "cpu"), r"here: sim.engine=torch on cpu"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            choose_engine(*args)
