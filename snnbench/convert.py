@@ -8,6 +8,7 @@ the node. Also here: fan-out and MAC counts, which read the canonical graph."""
 
 import copy
 import operator
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
+from snnbench.models.qcfs import QCFS
 from snnbench.neurons import IFNeuron
 
 RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu_: "F.relu_"}
@@ -40,15 +42,15 @@ IN_PLACE_METHODS = {"relu_", "add_"}
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with the source line of every node; snnbench's input normalisation and spiking neurons
-    stay one call each."""
+    """torch.fx's tracer, with the source line of every node; snnbench's input normalisation, QCFS activations
+    and spiking neurons stay one call each."""
 
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
 
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, Normalize | IFNeuron) or super().is_leaf_module(module, name)
+        return isinstance(module, Normalize | QCFS | IFNeuron) or super().is_leaf_module(module, name)
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -76,7 +78,10 @@ def canonicalize(model: nn.Module, maxpool: str = "error") -> CanonicalGraph:
     """The canonical network of `model` in eval mode (a new module; `model` is not changed). `maxpool`: 'error'
     refuses max pooling, 'avg' replaces it by average pooling. Refuses, naming the node, any operation that is
     neither a ReLU nor a linear map."""
-    gm = trace(copy.deepcopy(model).eval())
+    model = copy.deepcopy(model).eval()
+    # a model traced already (snnbench puts the input normalisation in front that way) keeps its graph, whose
+    # nodes know the user's source lines
+    gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
     modules = dict(gm.named_modules())
     refusal = first_refused_node(gm, maxpool)
     if refusal:
@@ -213,8 +218,9 @@ def _replace_max_pool(gm, node, module, result: CanonicalGraph):
 
 
 def _name_spiking_layers(gm: torch.fx.GraphModule, result: CanonicalGraph):
-    """Each ReLU call site becomes a call of a ReLU module of its own: a module called once keeps its name, its
-    later calls get _1, _2, ...; a functional call is named after the module whose forward makes it."""
+    """Each ReLU call site becomes a call of a ReLU module of its own: a module keeps its name for its first call,
+    its later calls are <name>_call2, _call3, ...; a functional call is named relu, relu_1, ... within the module
+    whose forward makes it."""
     modules, calls = dict(gm.named_modules()), {}
     for node in list(gm.graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
@@ -226,7 +232,7 @@ def _name_spiking_layers(gm: torch.fx.GraphModule, result: CanonicalGraph):
                 module.inplace = False  # its in-place effect is in the graph now (_later_users_read)
                 result.layers[node.target] = f"nn.ReLU {node.target}"
                 continue
-            name = unique_name(gm, f"{node.target}_{calls[node.target] - 1}")
+            name = unique_name(gm, f"{node.target}_call{calls[node.target]}")
             origin = f"nn.ReLU {node.target}, call {calls[node.target]}"
         else:
             name = unique_name(gm, f"{_scope(node)}relu")
@@ -269,7 +275,7 @@ def _describe(node, module) -> str:
 
 def _source_line(node) -> str:
     """', file.py:12' for the user's line that made this node, when fx recorded it (not torch's own frames)."""
-    torch_dir = str(Path(torch.__file__).parent)
+    torch_dir = f"{Path(torch.__file__).parent}{os.sep}"
     frames = re.findall(r'File "([^"]+)", line (\d+)', node.stack_trace or "")
     user = [(f, line) for f, line in frames if not f.startswith(torch_dir)]
     return f" at {Path(user[-1][0]).name}:{user[-1][1]}" if user else ""

@@ -5,11 +5,14 @@ import operator
 
 import pytest
 import torch
+import torchvision
 from hydra import compose, initialize_config_dir
+from user_models import Mixed
 
 from snnbench.calibrate import calibrate, record_activations
 from snnbench.cli import CONF_DIR
 from snnbench.convert import canonicalize, spiking_layer_names, trace
+from snnbench.errors import UserError
 from snnbench.methods import spiking_copy, ttrbr
 from snnbench.models.resnet import ResNet
 from snnbench.neurons import IFNeuron
@@ -148,3 +151,24 @@ def test_mean_correction_cancels_each_channels_mean_rate_error():
     corrected = error.transpose(0, 1).flatten(1).mean(1).abs().mean().item()
     assert snn.get_submodule(name).bias.shape == (error.shape[1],)
     assert corrected < 0.3 * conversion.diagnostics[name]["mean_error"]
+
+
+def test_split_rewrites_every_neuron_fed_by_an_addition_in_any_residual_network():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    canonical, x = canonicalize(model, "avg").module, torch.rand(2, 3, 32, 32)
+    rewritten = restructure(canonical, "split", 2, x)
+    splits = [name for name, module in rewritten.named_modules() if isinstance(module, SplitReLU)]
+    assert len(splits) == 8  # the second ReLU call of each BasicBlock, after its addition
+    assert all(name.endswith("relu_call2") for name in splits)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), canonical(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["shortcut_neuron", "merged"])
+def test_rewrites_of_option_a_blocks_are_refused_where_a_shortcut_computes(kind):
+    canonical, x = canonicalize(Mixed(in_channels=3).eval()).module, torch.rand(2, 3, 16, 16)
+    with pytest.raises(UserError, match=rf"method.restructure={kind} .*relu_4.*use method.restructure=split or none"):
+        restructure(canonical, kind, 2, x)
+    plain = canonicalize(torchvision.models.vgg11_bn(num_classes=10).eval(), "avg").module
+    with pytest.raises(UserError, match="has none: use method.restructure=none"):
+        restructure(plain, kind, 2, x)

@@ -31,6 +31,7 @@ class Mixed(nn.Module):
         self.dropout = nn.Dropout(0.2)
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.fc = nn.Linear(8 * width, 32)
+        self.fc2 = nn.Linear(32, 32)
         self.classifier = nn.Linear(32, num_classes)
 
     def forward(self, x):
@@ -45,10 +46,10 @@ class Mixed(nn.Module):
         down = self.down_bn2(self.down_conv2(down))
         z = down + self.shortcut(y)
         z.relu_()                                                       # 6: Tensor.relu_ as a statement
-        z = self.head_conv(z).relu()                                    # 7: Tensor.relu
-        z = self.relu(z)                                                # 8: the reused module, third call
+        z = self.relu(self.head_conv(z))                                # 7: the reused module, third call
         z = torch.flatten(self.pool(self.dropout(z)), 1)
-        z = F.relu(self.fc(F.dropout(z, 0.1, self.training)))           # 9: F.relu after functional dropout
+        z = self.fc(F.dropout(z, 0.1, self.training)).relu()            # 8: Tensor.relu after functional dropout
+        z = F.relu(self.fc2(z))                                         # 9: F.relu
         return self.classifier(torch.relu(z - 0.0))                     # 10: torch.relu of an affine map
 
 
