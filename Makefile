@@ -37,6 +37,9 @@ test: install  ## run the fast test suite
 test-slow: install  ## run the slow tests too
 	$(BIN)/pytest -q -m ''
 
+test-slurm: install  ## one-node SLURM cluster here (root; installs slurm-wlm, munge): a sweep and shards via SLURM, ~1 min
+	scripts/slurm_test.sh
+
 lint: install  ## ruff
 	$(BIN)/ruff check snnbench tests
 
@@ -44,4 +47,4 @@ clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs/runs outputs/multirun outputs/cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install run sweep report bench test test-slow lint clean
+.PHONY: help install run sweep report bench test test-slow test-slurm lint clean

@@ -97,4 +97,4 @@ def test_every_preset_composes_and_validates_for_each_swept_method(preset):
 def test_slurm_launcher_config_composes():
     launcher = compose_with_hydra("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.partition == "gpu" and launcher.timeout_min > 0 and launcher.gpus_per_node == 1
+    assert launcher.partition == "gpu" and launcher.timeout_min > 0 and launcher.gpus_per_task == 1
