@@ -23,6 +23,7 @@ def check_device(name):
 
 def resolve_device(name: str) -> str:
     """`device` as a torch device name; `auto` is a GPU of this process's own when there are several."""
+    check_device(name)
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "cpu" or (name == "auto" and count == 0):
         return "cpu"

@@ -250,7 +250,11 @@ def build_report(dirs, out, layers_of=None):
     out = Path(out)
     if layers_of and not (Path(layers_of).is_dir() and run_status(Path(layers_of)) == "complete"):
         raise UserError(f"{layers_of} is not a complete run: --layers-of takes a run folder holding summary.json")
-    tidy, failed = collect(find_runs(dirs))
+    from snnbench.shards import merge_shards  # imported here: shards builds on this module's readers and writers
+
+    runs, unmerged = merge_shards(find_runs(dirs), out)  # each complete set of shards as one run
+    tidy, failed = collect(runs)
+    failed = pd.concat([failed, unmerged], ignore_index=True)
     write_csv(out / "failed.csv", failed)  # always written, so a stale list never outlives its fix
     for run in failed.itertuples():
         console.print(f"[red]{run.status}:[/red] {run.run}: {run.error}", highlight=False, soft_wrap=True)
