@@ -24,7 +24,17 @@ from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
 from snnbench.shards import check_shard, counts_of, shard_of
 from snnbench.simulate import engine_settings, reuse_freed_memory, simulate
-from snnbench.train import cached, config_hash, evaluate, progress_bar, sha256_of, train
+from snnbench.train import (
+    cached,
+    config_hash,
+    evaluate,
+    init_checkpoint_sha256,
+    progress_bar,
+    sha256_of,
+    start_of_training,
+    train,
+    with_activation,
+)
 
 log = logging.getLogger("snnbench")
 
@@ -88,11 +98,13 @@ def prepare_ann(cfg, model, splits, device):
     if cfg.train.checkpoint:
         path = Path(cfg.train.checkpoint)
         log.info("loading ANN weights from %s (training skipped)", path)
-        return load_checkpoint(model, path).eval(), str(path), sha256_of(path)
+        return load_checkpoint(with_activation(model, cfg.train), path).eval(), str(path), sha256_of(path)
     dataset = {k: v for k, v in _container(cfg.dataset).items() if k not in ("root", "download", "verify")}
     # unset options (None) stay out of the key, so a knob added later keeps existing cache entries valid
     train_cfg = {k: v for k, v in _container(cfg.train).items()
                  if k not in ("checkpoint", "num_workers") and v is not None}
+    if "init_checkpoint" in train_cfg:  # what a fine-tune starts from, by its content
+        train_cfg["init_checkpoint"] = init_checkpoint_sha256(train_cfg["init_checkpoint"])
     key = config_hash(dataset, _container(cfg.model), architecture(model), train_cfg, cfg.seed)
     path = Path(cfg.cache_dir) / "ann" / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
     progress = path.with_suffix(".progress.pt")  # per-epoch state: an interrupted training resumes from it
@@ -106,10 +118,11 @@ def prepare_ann(cfg, model, splits, device):
         train_batches = loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
                                num_workers=cfg.train.num_workers)
         test_batches = loader(splits.test, 256, num_workers=cfg.train.num_workers)
-        return train(model, train_batches, test_batches, cfg.train, device, progress)
+        start = start_of_training(model, cfg.train, train_batches, device)
+        return train(start, train_batches, test_batches, cfg.train, device, progress)
 
     def load(p):
-        return load_checkpoint(build_model(cfg.model, cfg.dataset), p)
+        return load_checkpoint(with_activation(build_model(cfg.model, cfg.dataset), cfg.train), p)
 
     ann, digest, was_cached = cached(path, key, build, _state_bytes, load)
     progress.unlink(missing_ok=True)  # only now: the finished ANN is safely in the cache
@@ -157,7 +170,8 @@ def calibrate_stage(cfg, ann, ann_sha, images, device) -> Calibration:
     def build():
         log.info("calibrating %d images (percentile %s, %s)", sum(len(i) for i in images),
                  cfg.calibrate.percentile, "per channel" if cfg.calibrate.per_channel else "per layer")
-        return calibrate(ann, images, cfg.calibrate.percentile, cfg.calibrate.per_channel, device, cfg.seed)
+        return calibrate(ann, images, cfg.calibrate.percentile, cfg.calibrate.per_channel, device, cfg.seed,
+                         cfg.calibrate.rule)
 
     def save(calibration):
         buffer = io.BytesIO()
@@ -215,7 +229,7 @@ def prepare(cfg: DictConfig, device: str) -> Prepared:
     load the ANN, calibrate it and convert it with cfg.method."""
     validate(cfg)
     model = build_model(cfg.model, cfg.dataset)
-    canonicalize(model, cfg.convert.maxpool)  # refused now rather than after training
+    canonicalize(with_activation(model, cfg.train), cfg.convert.maxpool)  # refused now rather than after training
     times, clock = {}, time.perf_counter()
     splits = build_splits(cfg.dataset, cfg.cache_dir)
     evaluated = evaluated_images(cfg, splits)

@@ -6,34 +6,60 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
 
 from snnbench.errors import UserError
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # diagnostics: log lines, progress bars, errors, where the results went
+results = Console()             # results: the tables of runs and reports, on stdout
 UMASK = os.umask(0o022)  # read the process umask (the call also sets it) ...
 os.umask(UMASK)          # ... and put it back at once
 
 
+class ConsoleLog(RichHandler):
+    """Log records on the diagnostics console. In a terminal rich prints them above the progress bars, which
+    share that console (a plain handler would write onto a bar's line); into a file or a pipe each is one plain
+    line (rich would wrap it at 80 columns), with its level when that is not INFO."""
+
+    def __init__(self):
+        super().__init__(console=console, show_path=False)
+
+    def emit(self, record):
+        if self.console.is_terminal:
+            super().emit(record)
+            return
+        level = "" if record.levelname == "INFO" else f"{record.levelname.lower()}: "
+        self.console.file.write(f"[{time.strftime('%H:%M:%S')}] {level}{self.format(record)}\n")
+        self.console.file.flush()
+
+
 def atomic_write_bytes(path, data: bytes):
-    """Write to a temporary name in the same folder, then rename: a reader never sees half a file."""
+    """Write to a temporary name in the same folder, then rename: a reader never sees half a file. Every file
+    snnbench writes goes through here; one that cannot be written is a UserError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~UMASK)  # mkstemp makes it private (0600); open() would not
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write {path} ({err.strerror or err}): make {path.parent} writable, or choose "
+                            "another folder (hydra.run.dir, cache_dir, report --out)") from err
         raise
 
 
@@ -66,7 +92,7 @@ def show_run(summary: dict, accuracy: pd.DataFrame):
         row = rows.loc[t]
         table.add_row(str(t), f"{100 * row.accuracy:.2f}", f"{row.events_per_image:,.0f}",
                       f"{row.spike_units_per_image:,.0f}")
-    console.print(table)
+    results.print(table)
 
 
 # ---- `snnbench report`: merge run folders into comparison tables and plots ----
@@ -168,27 +194,43 @@ def ann_references(tidy: pd.DataFrame) -> pd.DataFrame:
     return anns
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
+FORMATS = ("png", "pdf", "svg")
+
+
+def _figure(title: str, xlabel: str, ylabel: str, panels: int = 1):
+    """A figure of `panels` axes stacked over one another (one is 7 x 4.5 inches)."""
     # imported here: matplotlib takes seconds to import, and only `snnbench report` draws
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(7, 4.5 if panels == 1 else 1.2 + 2.4 * panels), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    axes.grid(alpha=0.3)
+    axes = figure.subplots(panels, 1, sharey=True, squeeze=False)[:, 0]
+    figure.suptitle(title)
+    for panel in axes:
+        panel.set(xlabel=xlabel, ylabel=ylabel)
+        panel.grid(alpha=0.3)
     return figure, axes
 
 
-def save_png(figure, path):
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    atomic_write_bytes(path, buffer.getvalue())
+def save_figure(figure, stem: Path, formats) -> list[str]:
+    """`stem`.png / .pdf / .svg, one file per format; returns the names written."""
+    names = []
+    for file_format in formats:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=file_format, dpi=120)
+        atomic_write_bytes(stem.with_suffix(f".{file_format}"), buffer.getvalue())
+        names.append(f"{stem.name}.{file_format}")
+    return names
 
 
-def plot_accuracy_vs_t(tidy: pd.DataFrame, pivot: pd.DataFrame, path):
-    figure, axes = _figure("SNN accuracy vs latency", "time steps t", "test accuracy (%)")
+def subject(tidy: pd.DataFrame) -> str:
+    """The dataset and model of the runs, e.g. "digits / mlp" (each pair once, in the order found)."""
+    return ", ".join(dict.fromkeys(tidy.dataset + " / " + tidy.model))
+
+
+def plot_accuracy_vs_t(tidy: pd.DataFrame, pivot: pd.DataFrame, stem: Path, formats) -> list[str]:
+    figure, (axes,) = _figure(f"SNN accuracy vs latency: {subject(tidy)}", "time steps t", "test accuracy (%)")
     for number, label in enumerate(pivot.columns):
         axes.plot(pivot.index, 100 * pivot[label], marker=MARKERS[number % len(MARKERS)], fillstyle="none",
                   label=label)
@@ -200,13 +242,13 @@ def plot_accuracy_vs_t(tidy: pd.DataFrame, pivot: pd.DataFrame, path):
     ticks = milestones(int(pivot.index.max()))
     axes.set_xticks(ticks, labels=[str(t) for t in ticks])
     axes.legend()
-    save_png(figure, path)
+    return save_figure(figure, stem, formats)
 
 
-def plot_accuracy_vs_sops(tidy: pd.DataFrame, path):
+def plot_accuracy_vs_sops(tidy: pd.DataFrame, stem: Path, formats) -> list[str]:
     """The energy view: accuracy against synaptic operations spent per image up to t (the ANN at its MACs)."""
-    figure, axes = _figure("accuracy vs synaptic operations", "operations per image (SNN: SOPs up to t)",
-                           "test accuracy (%)")
+    figure, (axes,) = _figure(f"accuracy vs synaptic operations: {subject(tidy)}",
+                              "operations per image (SNN: SOPs up to t)", "test accuracy (%)")
     for number, (label, run) in enumerate(tidy.groupby("label", sort=False)):
         axes.plot(run.sops_per_image, 100 * run.accuracy, marker=MARKERS[number % len(MARKERS)], fillstyle="none",
                   label=label)
@@ -215,20 +257,22 @@ def plot_accuracy_vs_sops(tidy: pd.DataFrame, path):
                   linestyle="none", label=f"{ann.name} ({ann.macs_per_image:,.0f} MACs)")
     axes.set_xscale("log")
     axes.legend()
-    save_png(figure, path)
+    return save_figure(figure, stem, formats)
 
 
-def plot_firing_rates(run: Path, path):
-    """Events per neuron per step in each spiking layer of one run."""
-    layers = pd.read_csv(run / "layers.csv")
-    summary = json.loads((run / "summary.json").read_text())
-    overrides = " ".join(f"{k}={v}" for k, v in read_overrides(run).items() if k not in NOT_PARAMETERS)
-    title = f"firing rates: {summary['method']} on {summary['dataset']} / {summary['model']}, T={summary['T']}" + \
-        (f"\n{overrides}" if overrides else "")
-    figure, axes = _figure(title, "spiking layer", "firing rate (events per neuron per step)")
-    axes.bar(layers.layer, layers.firing_rate)
-    axes.tick_params(axis="x", labelrotation=45)
-    save_png(figure, path)
+def plot_firing_rates(tidy: pd.DataFrame, stem: Path, formats) -> list[str]:
+    """Events per neuron per step in each spiking layer: one panel per complete run in `tidy`, titled with its
+    label, on one rate scale."""
+    runs = tidy.drop_duplicates("run")
+    steps = ", ".join(f"T={T}" for T in dict.fromkeys(runs["T"]))
+    figure, panels = _figure(f"firing rates: {subject(tidy)}, {steps}", "spiking layer",
+                             "firing rate\n(events per neuron per step)", panels=len(runs))
+    for axes, run in zip(panels, runs.itertuples(), strict=True):
+        layers = pd.read_csv(Path(run.run) / "layers.csv")
+        axes.bar(layers.layer, layers.firing_rate)
+        axes.set_title(run.label, fontsize="medium")
+        axes.tick_params(axis="x", labelrotation=45)
+    return save_figure(figure, stem, formats)
 
 
 def show_pivot(tidy: pd.DataFrame, pivot: pd.DataFrame):
@@ -241,15 +285,18 @@ def show_pivot(tidy: pd.DataFrame, pivot: pd.DataFrame):
         table.add_column(label, justify="right", overflow="fold")  # fold long labels, never cut them
     for t in sorted(set(milestones(int(pivot.index.max()))) | last_steps):
         table.add_row(str(t), *(f"{100 * value:.2f}" if pd.notna(value) else "-" for value in pivot.loc[t]))
-    Console().print(table)
+    results.print(table)
 
 
-def build_report(dirs, out, layers_of=None):
-    """`snnbench report`: every run under `dirs` into report.csv, accuracy_vs_t.csv/.png, accuracy_vs_sops.png,
-    firing_rates.png and failed.csv in `out`; the pivot printed, the failed runs listed."""
+def build_report(dirs, out, formats=("png",)):
+    """`snnbench report`: every run under `dirs` into report.csv, accuracy_vs_t.csv, failed.csv and the plots
+    accuracy_vs_t, accuracy_vs_sops and firing_rates in each of `formats`, in `out`; the pivot printed, the
+    failed runs listed."""
     out = Path(out)
-    if layers_of and not (Path(layers_of).is_dir() and run_status(Path(layers_of)) == "complete"):
-        raise UserError(f"{layers_of} is not a complete run: --layers-of takes a run folder holding summary.json")
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"--format takes {', '.join(FORMATS)} (comma-separated, e.g. png,pdf), got "
+                        f"{','.join(formats)!r}")
     from snnbench.shards import merge_shards  # imported here: shards builds on this module's readers and writers
 
     runs, unmerged = merge_shards(find_runs(dirs), out)  # each complete set of shards as one run
@@ -264,10 +311,9 @@ def build_report(dirs, out, layers_of=None):
     pivot = pivot_accuracy(tidy)
     write_csv(out / "report.csv", tidy)
     write_csv(out / "accuracy_vs_t.csv", pivot.reset_index())
-    plot_accuracy_vs_t(tidy, pivot, out / "accuracy_vs_t.png")
-    plot_accuracy_vs_sops(tidy, out / "accuracy_vs_sops.png")
-    plot_firing_rates(Path(layers_of) if layers_of else Path(tidy.run.iloc[0]), out / "firing_rates.png")
+    plots = [*plot_accuracy_vs_t(tidy, pivot, out / "accuracy_vs_t", formats),
+             *plot_accuracy_vs_sops(tidy, out / "accuracy_vs_sops", formats),
+             *plot_firing_rates(tidy, out / "firing_rates", formats)]
     show_pivot(tidy, pivot)
     console.print(f"{tidy.run.nunique()} complete and {len(failed)} failed or incomplete runs: report.csv, "
-                  f"accuracy_vs_t.csv, accuracy_vs_t.png, accuracy_vs_sops.png, firing_rates.png, failed.csv "
-                  f"in {out}", highlight=False, soft_wrap=True)
+                  f"accuracy_vs_t.csv, {', '.join(plots)}, failed.csv in {out}", highlight=False, soft_wrap=True)

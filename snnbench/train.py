@@ -14,10 +14,18 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from snnbench.calibrate import calibrate
+from snnbench.convert import RELU_FUNCTIONS, RELU_METHODS, replace_modules, trace
 from snnbench.errors import UserError
+from snnbench.models import load_checkpoint
+from snnbench.models.qcfs import QCFS
 from snnbench.report import atomic_write_bytes
 
 log = logging.getLogger("snnbench")
+ACTIVATIONS = ("qcfs",)         # train.activation: besides null, the model's own ReLUs
+QCFS_INITIAL_THRESHOLD = 8.0    # the lambda every QCFS layer starts at when train.qcfs_init is null (Bu et al.'s code)
+QCFS_INIT_BATCHES = 4           # training batches whose activations set lambda for train.qcfs_init=activations
+QCFS_INIT_PERCENTILE = 99.9
 
 
 def progress_bar(**kwargs) -> Progress:
@@ -33,6 +41,70 @@ def evaluate(model: nn.Module, batches, device) -> float:
         correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
         total += labels.numel()
     return correct / max(total, 1)
+
+
+def with_activation(model: nn.Module, cfg, thresholds: dict[str, float] | None = None) -> nn.Module:
+    """`model` with the training recipe's activation: as it is (train.activation=null), or (qcfs) a copy with
+    each ReLU module a QCFS activation of train.qcfs_levels levels whose lambda starts at thresholds[name], or at
+    train.qcfs_init (null: 8.0)."""
+    activation = cfg.get("activation")
+    if activation is None:
+        return model
+    if activation not in ACTIVATIONS:
+        raise UserError(f"train.activation must be null (the model's own ReLUs) or one of {', '.join(ACTIVATIONS)}, "
+                        f"got {activation!r}")
+    levels, init = cfg.get("qcfs_levels"), cfg.get("qcfs_init")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels <= 0:
+        raise UserError(f"train.activation=qcfs needs train.qcfs_levels, the quantisation levels L (a positive "
+                        f"integer), got {levels!r}: e.g. train.qcfs_levels=8")
+    number = not isinstance(init, bool) and isinstance(init, int | float)
+    if not (init is None or init == "activations" or number and init > 0):
+        raise UserError(f"train.qcfs_init must be null (lambda starts at {QCFS_INITIAL_THRESHOLD}), a positive "
+                        f"number or activations, got {init!r}")
+    start = init if number else QCFS_INITIAL_THRESHOLD
+    return replace_modules(model, {name: QCFS(levels, (thresholds or {}).get(name, start))
+                                   for name in relu_modules(model)})
+
+
+def relu_modules(model: nn.Module) -> list[str]:
+    """The ReLU modules of `model`, in the order they run, each called once: the call sites a QCFS activation
+    replaces. A functional or reused ReLU would share or lose its lambda, so it is refused, naming it."""
+    gm = trace(model)
+    modules, names = dict(gm.named_modules()), []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.ReLU):
+            if node.target in names:
+                raise UserError(f"train.activation=qcfs gives each ReLU module its own lambda, and {node.target} is "
+                                "called more than once: give each call its own nn.ReLU")
+            names.append(node.target)
+        elif (node.op == "call_function" and node.target in RELU_FUNCTIONS
+              or node.op == "call_method" and node.target in RELU_METHODS):
+            raise UserError(f"train.activation=qcfs replaces nn.ReLU modules, and node {node.name} is a functional "
+                            "ReLU: make it an nn.ReLU module")
+    return names
+
+
+def start_of_training(model: nn.Module, cfg, train_batches, device) -> nn.Module:
+    """What training starts from: `model` with the weights of train.init_checkpoint if set (a fine-tune), in the
+    recipe's activation (with_activation); for train.qcfs_init=activations each lambda starts at the 99.9th
+    percentile of its ReLU's outputs on the first training batches, where a trained network's activations are."""
+    if cfg.get("init_checkpoint"):
+        log.info("fine-tuning from %s", cfg.init_checkpoint)
+        load_checkpoint(model, cfg.init_checkpoint)
+    thresholds = None
+    if cfg.get("activation") is not None and cfg.get("qcfs_init") == "activations":
+        batches = [images for (images, _), _ in zip(train_batches, range(QCFS_INIT_BATCHES), strict=False)]
+        found = calibrate(model, batches, QCFS_INIT_PERCENTILE, False, device).thresholds
+        thresholds = {name: value.item() for name, value in found.items()}
+    return with_activation(model, cfg, thresholds)
+
+
+def init_checkpoint_sha256(path) -> str:
+    """The content of the weights a fine-tune starts from (train.init_checkpoint), for the ANN's cache key."""
+    if not Path(path).is_file():
+        raise UserError(f"train.init_checkpoint {path} does not exist: point it at the weights to fine-tune from, "
+                        "or set it to null to train from scratch")
+    return sha256_of(path)
 
 
 def train(model: nn.Module, train_batches, test_batches, cfg, device, progress_path=None) -> nn.Module:

@@ -1,9 +1,14 @@
+import logging
+import re
+
+import numpy as np
 import pytest
 import torch
 
 from snnbench import data
 from snnbench.data import build_splits, seeded_subset
 from snnbench.errors import UserError
+from snnbench.models import build_model
 
 
 def test_digits_split_is_fixed_and_stratified(cfg):
@@ -56,11 +61,11 @@ def test_train_num_samples_trains_on_a_seeded_subset_and_keys_the_cache(cfg, mon
     monkeypatch.setattr(pipeline, "train", fake_train)
     splits = build_splits(cfg.dataset)
     cfg.train.num_samples = 100
-    _, first, _ = pipeline.prepare_ann(cfg, splits, "cpu")
+    _, first, _ = pipeline.prepare_ann(cfg, build_model(cfg.model, cfg.dataset), splits, "cpu")
     pipeline.Path(first).unlink()
-    pipeline.prepare_ann(cfg, splits, "cpu")
+    pipeline.prepare_ann(cfg, build_model(cfg.model, cfg.dataset), splits, "cpu")
     cfg.train.num_samples = None
-    _, full, _ = pipeline.prepare_ann(cfg, splits, "cpu")
+    _, full, _ = pipeline.prepare_ann(cfg, build_model(cfg.model, cfg.dataset), splits, "cpu")
     assert len(seen[0]) == 100 and seen[0] == seen[1]  # the same images every time
     assert len(set(seen[0])) == 100 and max(seen[0]) < len(splits.train)
     assert len(seen[2]) == len(splits.train)
@@ -102,3 +107,144 @@ def test_sim_split_train_refuses_when_the_calibration_uses_every_training_image(
     with pytest.raises(UserError, match="lower calibrate.num_batches"):
         pipeline.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # refused before any work
+
+
+def write_image_folder(root, classes=("a", "b", "c"), per_class=4, seed=0, splits=("train", "val")):
+    """root/<split>/<class>/<n>.png: small random RGB images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for number in range(per_class):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{number}.png")
+    return root
+
+
+def image_folder_cfg(cfg, root, num_classes=3):
+    cfg.dataset = {**cfg.dataset, "name": "imagefolder", "root": str(root), "channels": 3, "image_size": 8,
+                   "num_classes": num_classes, "augment": False}
+    return cfg
+
+
+def test_two_image_folders_never_share_a_cached_ann_or_calibration(cfg, tmp_path, caplog):
+    from snnbench import pipeline
+
+    caplog.set_level(logging.INFO, logger="snnbench")
+    cfg.train.epochs, cfg.sim.T, cfg.calibrate.batch_size, cfg.calibrate.num_batches = 1, 2, 4, 1
+    summaries = []
+    for seed in (0, 1):  # the same names, classes and sizes; other pixels
+        root = write_image_folder(tmp_path / f"images{seed}", seed=seed)
+        caplog.clear()
+        summaries.append(pipeline.run(image_folder_cfg(cfg, root), tmp_path / f"run{seed}"))
+        assert "training ANN" in caplog.text and "using cached ANN" not in caplog.text
+        assert "calibrating" in caplog.text and "using cached calibration" not in caplog.text
+    assert summaries[0]["checkpoint_sha256"] != summaries[1]["checkpoint_sha256"]
+    assert len(list((tmp_path / "cache" / "ann").glob("*_*.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.pt"))) == 2
+
+    caplog.clear()  # the same folder again: its entries are used
+    pipeline.run(image_folder_cfg(cfg, tmp_path / "images1"), tmp_path / "again")
+    assert "using cached ANN" in caplog.text and "using cached calibration" in caplog.text
+
+
+def test_data_identity_follows_the_files(cfg, tmp_path, idx_root):
+    root = write_image_folder(tmp_path / "images")
+    image_folder_cfg(cfg, root)
+    first = data.identity(cfg.dataset)
+    assert data.identity(cfg.dataset) == first  # cheap and stable: names, sizes, modification times
+    (root / "train" / "b" / "2.png").write_bytes((root / "train" / "b" / "1.png").read_bytes())  # a replaced image
+    assert data.identity(cfg.dataset)["files"] != first["files"]
+    # MNIST unpacked beside its .gz files on the first read: the files a second read finds are the same
+    cfg.dataset = {**cfg.dataset, "name": "mnist", "root": str(idx_root), "channels": 1, "image_size": 28,
+                   "num_classes": 10}
+    build_splits(cfg.dataset, tmp_path / "cache")
+    unpacked = data.identity(cfg.dataset)
+    build_splits(cfg.dataset, tmp_path / "cache")
+    assert data.identity(cfg.dataset) == unpacked
+
+
+def test_image_that_is_not_an_image_is_named(cfg, tmp_path):
+    from snnbench.cli import describe
+
+    root = write_image_folder(tmp_path / "images")
+    bad = root / "train" / "b" / "2.png"
+    bad.write_text("I am a text file with an image's name\n")
+    splits = build_splits(image_folder_cfg(cfg, root).dataset)
+    expected = (f"cannot read {bad} (UnidentifiedImageError: cannot identify image file '{bad}'): remove it from the "
+                "image folder, or replace it with an image")
+    for workers in (0, 1):  # a DataLoader worker re-raises the error inside its traceback: the line is the same
+        with pytest.raises(UserError) as raised:
+            for _ in data.loader(splits.calibration, 4, num_workers=workers):
+                pass
+        assert describe(raised.value) == expected
+
+
+def test_val_folder_missing_a_class_keeps_every_label(cfg, tmp_path):
+    root = write_image_folder(tmp_path / "images", splits=("train",))
+    write_image_folder(root, classes=("c",), splits=("val",))
+    splits = build_splits(image_folder_cfg(cfg, root).dataset)
+    assert splits.classes == ["a", "b", "c"]
+    assert {label for _, label in splits.test} == {2}  # sorted on its own, val/ would have called c class 0
+
+
+def test_val_folder_with_a_class_train_lacks_is_refused(cfg, tmp_path):
+    root = write_image_folder(tmp_path / "images", classes=("a", "b"), splits=("train",))
+    write_image_folder(root, classes=("a", "z"), splits=("val",))
+    with pytest.raises(UserError) as raised:
+        build_splits(image_folder_cfg(cfg, root).dataset)
+    assert str(raised.value) == (f"{root}/val/ holds class folders that train/ lacks (z): give both the same class "
+                                 "folders")
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "mnist"])
+def test_fewer_num_classes_than_the_data_hold_is_refused(cfg, tmp_path, idx_root, dataset):
+    if dataset == "imagefolder":
+        image_folder_cfg(cfg, write_image_folder(tmp_path / "images"), num_classes=2)
+        expected = "dataset.num_classes=2, but the imagefolder data hold 3 classes (a, b, c): set dataset.num_classes=3"
+    else:
+        cfg.dataset = {**cfg.dataset, "name": "mnist", "root": str(idx_root), "image_size": 28, "num_classes": 5}
+        expected = ("dataset.num_classes=5, but the mnist data hold 10 classes (0 - zero, 1 - one, 2 - two, 3 - three, "
+                    "4 - four, ...): set dataset.num_classes=10")
+    with pytest.raises(UserError) as raised:
+        build_splits(cfg.dataset, tmp_path / "cache")
+    assert str(raised.value) == expected
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garble(path):
+    path.write_bytes(bytes(range(256)) * 8)
+
+
+@pytest.mark.parametrize("damage, reason", [(truncate, r"EOFError: Compressed file ended before the end-of-stream "
+                                                       r"marker was reached"),
+                                            (garble, r"BadGzipFile: Not a gzipped file \(b'\\x00\\x01'\)")])
+def test_damaged_mnist_gz_is_named_and_leaves_no_partial_file(cfg, tmp_path, idx_root, damage, reason):
+    packed = idx_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    damage(packed)
+    cfg.dataset = {**cfg.dataset, "name": "mnist", "root": str(idx_root), "image_size": 28}
+    for _ in range(2):  # every attempt: the same line, nothing left behind
+        with pytest.raises(UserError) as raised:
+            build_splits(cfg.dataset, tmp_path / "cache")
+        assert re.fullmatch(rf"cannot read {re.escape(str(packed))} \({reason}\): replace it with a complete copy",
+                            str(raised.value))
+        assert not (idx_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
+        assert not [p.name for p in tmp_path.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+
+
+@pytest.mark.parametrize("damage, reason", [(truncate, r"UnpicklingError: pickle data was truncated"),
+                                            (garble, r"UnpicklingError: invalid load key, '\\x00'\.")])
+def test_damaged_cifar_batch_is_named(cfg, cifar_root, tmp_path, damage, reason):
+    batch = cifar_root / "cifar-10-batches-py" / "data_batch_3"
+    damage(batch)
+    cfg.dataset = {**cfg.dataset, "name": "cifar10", "root": str(cifar_root), "channels": 3, "image_size": 32,
+                   "augment": True, "verify": False}
+    with pytest.raises(UserError) as raised:
+        build_splits(cfg.dataset, tmp_path)
+    assert re.fullmatch(rf"cannot read {re.escape(str(batch))} \({reason}\): replace it with a complete copy \(or "
+                        r"delete it and set dataset\.download=true\)", str(raised.value))

@@ -42,11 +42,23 @@ def assert_one_line_error(done, message):
     assert done.stderr == f"error: {message}\n"
 
 
+# Hydra lists the model files at the top of conf/model/ (not the nested torchvision/ ones)
+MODELS = ", ".join(sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml")))
 CLI_CASES = {
-    "unknown group option": (["model=mpl"], "unknown model 'mpl': choose one of cnn_mnist, cnn_small, mlp, resnet110, "
-                                            "resnet20, resnet32, resnet44, resnet56, vgg11, vgg16"),
-    "unknown key": (["sim.steps=8"], "unknown config key 'sim.steps': `snnbench run --cfg job` prints the valid keys "
-                                     "(to add a new key, prefix it with +)"),
+    "unknown group option": (["model=mpl"], f"unknown model 'mpl': choose one of {MODELS}"),
+    "unknown key": (["sim.steps=8"], "unknown config key 'sim.steps': `snnbench run --cfg job` prints the valid keys"),
+    "added key": (["+foo=bar"], "unknown config key 'foo' (+foo=bar): no stage reads a key added with + or ++; "
+                                "`snnbench run --cfg job` prints the valid keys (change one with foo=...)"),
+    "force-added key": (["++sim.steps=8"], "unknown config key 'sim.steps' (++sim.steps=8): no stage reads a key added "
+                                           "with + or ++; `snnbench run --cfg job` prints the valid keys (change one "
+                                           "with sim.steps=...)"),
+    "removed key": (["~sim.T"], "~sim.T removes the config key 'sim.T', which the stages read: set it instead "
+                                "(sim.T=...)"),
+    "added key that exists": (["+sim.T=8"], "config key 'sim.T' exists already: set it without the + (sim.T=...)"),
+    "unknown device": (["device=gpu"], "device must be auto, cpu, cuda or cuda:N (N: a GPU's index), got 'gpu'"),
+    "no threshold candidates": (["method=ttrbr", "method.scales=[]"],
+                                "method.scales must be a non-empty list of positive numbers (candidate thresholds, "
+                                "x the percentile threshold), got []: e.g. method.scales=[0.5,0.75,1.0]"),
     "T fractional": (["sim.T=2.5"], "sim.T must be a positive integer, got 2.5: set e.g. sim.T=32"),
     "T not a number": (["sim.T=abc"], "sim.T must be a positive integer, got 'abc': set e.g. sim.T=32"),
     "percentile above 100": (["calibrate.percentile=101"],
@@ -96,15 +108,15 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     done = snnbench_run(tmp_path, "model=mpl", env={**os.environ, "SNNBENCH_DEBUG": "1"})
     assert done.returncode == 2
     assert "Traceback" in done.stderr and "MissingConfigException" in done.stderr
-    assert done.stderr.endswith("\nerror: unknown model 'mpl': choose one of cnn_mnist, cnn_small, mlp, resnet110, "
-                                "resnet20, resnet32, resnet44, resnet56, vgg11, vgg16\n")
+    assert done.stderr.endswith(f"\nerror: unknown model 'mpl': choose one of {MODELS}\n")
 
 
 def test_max_pooling_is_refused_before_training(tmp_path):
     cfg = compose_cfg(tmp_path, "model=cnn_small", "model.pool=max", "train.epochs=1")
     with pytest.raises(UserError) as raised:
         pipeline.run(cfg, tmp_path / "run")
-    assert str(raised.value) == ("the model uses max pooling (features.3), which has no exact spiking form: "
+    assert str(raised.value) == ("the model uses max pooling (features.3 (nn.MaxPool2d) at convnet.py:33), which "
+                                 "has no exact spiking form: "
                                  "add convert.maxpool=avg to replace it by average pooling")
     assert not (tmp_path / "cache" / "ann").exists()  # refused before an epoch was spent
 
@@ -226,3 +238,67 @@ def test_diverging_training_stops_at_the_step_it_diverged(cfg):
     with pytest.raises(UserError, match=r"^training loss became (nan|inf) at epoch 1, step \d+: "
                                         r"lower train\.lr \(now 1e\+30\)$"):
         train(model, loader(splits.train, 128, shuffle=True), loader(splits.test, 256), cfg.train, "cpu")
+
+
+def test_bad_values_are_refused_before_torch_is_imported(tmp_path):
+    """The check runs before the pipeline (and torch) is imported: a typo is refused in about a second."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else 'torch not imported', "
+            "file=sys.stderr))\n"
+            "from snnbench.cli import main\n"
+            "main()\n")
+    for overrides, message in (["sim.T=0"], "sim.T must be a positive integer, got 0: set e.g. sim.T=32"), \
+            (["+foo=bar"], CLI_CASES["added key"][1]):
+        done = snnbench_run(tmp_path, *overrides, code=code)
+        assert done.returncode == 2
+        assert done.stderr == f"error: {message}\ntorch not imported\n"
+
+
+def test_checkpoint_that_is_a_directory_is_named_as_one(cfg, tmp_path):
+    assert load_error(cfg, tmp_path) == (f"checkpoint {tmp_path} is a directory: point train.checkpoint at the "
+                                         "weights file in it")
+
+
+def test_checkpoint_holding_code_is_refused_as_code_not_as_corrupted(cfg, tmp_path):
+    class RunsACommand:
+        def __reduce__(self):
+            return os.system, ("echo this must never run",)
+
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": RunsACommand()}, path)
+    assert load_error(cfg, path) == (
+        f"{path} holds Python objects besides tensors (UnpicklingError: Trying to load unsupported GLOBAL posix.system "
+        "whose module posix is blocked), which a safe load (weights_only) refuses: re-save it as "
+        "torch.save(model.state_dict(), path)")
+
+
+def test_run_folder_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder\n")
+    done = subprocess.run([sys.executable, "-m", "snnbench", "run", "sim.T=2", f"hydra.run.dir={blocker / 'run'}",
+                           f"cache_dir={tmp_path / 'cache'}"], cwd=CONF_DIR.parent, capture_output=True, text=True,
+                          timeout=600)
+    assert_one_line_error(done, f"cannot write {blocker / 'run'} (Not a directory): choose a folder that can be "
+                                "written (hydra.run.dir, hydra.sweep.dir, or run from another folder)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+    # the default folder, outputs/runs/..., under a working directory where `outputs` is a file
+    (tmp_path / "outputs").write_text("not a folder\n")
+    done = subprocess.run([sys.executable, "-m", "snnbench", "run", "sim.T=2", f"cache_dir={tmp_path / 'cache'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert re.fullmatch(r"error: cannot write outputs/runs/\d{4}-\d\d-\d\d \(Not a directory\): choose a folder that can "
+                        r"be written \(hydra\.run\.dir, hydra\.sweep\.dir, or run from another folder\)\n", done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "outputs"]
+
+
+def test_cache_folder_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder\n")
+    done = subprocess.run([sys.executable, "-m", "snnbench", "run", "sim.T=2", "train.epochs=1",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={blocker / 'cache'}"], cwd=CONF_DIR.parent,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    entry = next(iter(done.stderr.splitlines()[-1].split("cannot write the cache entry ", 1)[1:]), "")
+    assert entry.startswith(f"{blocker}/cache/ann/digits_mlp_") and entry.endswith(
+        ".pt (Not a directory): set cache_dir=<a folder that can be written> (or env SNNBENCH_CACHE)")
+    assert json.loads((tmp_path / "run" / "error.json").read_text())["error"] == f"cannot write the cache entry {entry}"

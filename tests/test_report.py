@@ -1,6 +1,7 @@
 """`snnbench report` on hand-made run folders: aggregation, pivot, failed runs, plots, bad input."""
 
 import os
+import xml.etree.ElementTree as ElementTree
 
 import pandas as pd
 from matplotlib.image import imread
@@ -77,8 +78,10 @@ def test_report_command_writes_tables_and_plots_and_lists_failures(tmp_path):
     assert done.exit_code == 0, done.output
     for name in REPORT_FILES:
         assert (root / name).exists(), name
-    for name in REPORT_FILES[2:5]:
+    for name in REPORT_FILES[2:4]:
         assert imread(root / name).shape[:2] == (540, 840), name  # 7 x 4.5 inches at 120 dpi
+    # one panel per complete run, 2.4 inches each: every run's firing rates, not only the first run's
+    assert imread(root / "firing_rates.png").shape[:2] == (round(120 * (1.2 + 2.4 * 4)), 840)
     pivot = pd.read_csv(root / "accuracy_vs_t.csv")
     assert pivot.columns.tolist() == ["t", "baseline", "termapping", "augmapping threshold_scale=1.0",
                                       "augmapping threshold_scale=0.5"]
@@ -91,14 +94,28 @@ def test_report_command_writes_tables_and_plots_and_lists_failures(tmp_path):
     assert "termapping" in done.output and "85.00" in done.output  # the pivot table, accuracy at t=3 in %
 
 
-def test_report_writes_into_out_and_plots_the_chosen_run(tmp_path):
+def test_report_writes_into_out_in_every_format_asked_for(tmp_path):
     root = sweep(tmp_path / "sweep")
     out = tmp_path / "paper"
-    done = CliRunner().invoke(app, ["report", str(root), "--out", str(out), "--layers-of", str(root / "1_1")])
+    done = CliRunner().invoke(app, ["report", str(root), "--out", str(out), "--format", "png,pdf,svg"])
     assert done.exit_code == 0, done.output
-    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    plots = [f"{name}.{suffix}" for name in ("accuracy_vs_t", "accuracy_vs_sops", "firing_rates")
+             for suffix in ("png", "pdf", "svg")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.csv", "accuracy_vs_t.csv", "failed.csv", *plots])
     assert pd.read_csv(out / "failed.csv").empty
     assert not (root / "report.csv").exists()
+    assert (out / "accuracy_vs_t.pdf").read_bytes().startswith(b"%PDF")
+    svg = ElementTree.parse(out / "firing_rates.svg").getroot()
+    assert svg.tag.endswith("svg")
+    # the titles name the data and the model, each run's panel its label (matplotlib's SVG keeps every text in a
+    # comment beside its drawing)
+    for name, titles in (("accuracy_vs_t", ["SNN accuracy vs latency: digits / mlp"]),
+                         ("accuracy_vs_sops", ["accuracy vs synaptic operations: digits / mlp"]),
+                         ("firing_rates", ["firing rates: digits / mlp, T=3", "baseline", "termapping",
+                                           "augmapping threshold_scale=1.0", "augmapping threshold_scale=0.5"])):
+        text = (out / f"{name}.svg").read_text()
+        for title in titles:
+            assert f"<!-- {title} -->" in text, (name, title)
 
 
 def test_a_reused_run_folder_reports_its_latest_outcome(tmp_path):
@@ -122,5 +139,7 @@ def test_bad_input_is_one_line(tmp_path):
         done = CliRunner().invoke(app, ["report", folder])
         assert done.exit_code == 2
         assert message in done.output and "Traceback" not in done.output
-    done = CliRunner().invoke(app, ["report", str(sweep(tmp_path / "sweep")), "--layers-of", str(tmp_path)])
-    assert done.exit_code == 2 and "not a complete run" in done.output
+    done = CliRunner().invoke(app, ["report", str(sweep(tmp_path / "sweep")), "--format", "png,jpg"])
+    assert done.exit_code == 2
+    assert "error: --format takes png, pdf, svg (comma-separated, e.g. png,pdf), got 'png,jpg'" in done.output
+    assert not (tmp_path / "sweep" / "report.csv").exists()  # refused before anything was written

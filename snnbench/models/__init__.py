@@ -80,25 +80,31 @@ def with_input_normalization(model: nn.Module, normalize: Normalize) -> nn.Modul
 
 
 def _load_failure(err: Exception) -> str:
-    """The informative first line of a torch.load error; its weights_only preamble only advises unsafe loading."""
+    """The informative line of a torch.load error: the Python object the safe loader refused, where it names one,
+    else the first line after its preamble, which only advises unsafe loading."""
     text = str(err).split("WeightsUnpickler error:")[-1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    refused = [line for line in lines if "GLOBAL" in line]
+    if refused:
+        return f"{type(err).__name__}: {refused[0].split(' was not an allowed global')[0].rstrip('.')}"
     if not lines:
         return type(err).__name__
-    return f"{type(err).__name__}: {lines[0].split(' was not an allowed global')[0].split('. ')[0]}"
+    return f"{type(err).__name__}: {lines[0].split('. ')[0]}"
 
 
 def load_checkpoint(model: nn.Module, path) -> nn.Module:
     """Load weights strictly (weights_only): a raw state_dict or {'state_dict': ...}, DataParallel prefixes
     stripped. Every way this can fail becomes a UserError naming the file and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory: point train.checkpoint at the weights file in it")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: fix train.checkpoint (or set it to null to train)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling arbitrary bytes fails in many ways (KeyError, UnicodeDecodeError, ...)
         reason = _load_failure(err)
-        if "Unsupported global" in reason:
+        if "GLOBAL" in reason:  # a class or function to import: the file holds code, not only tensors
             raise UserError(f"{path} holds Python objects besides tensors ({reason}), which a safe load "
                             "(weights_only) refuses: re-save it as torch.save(model.state_dict(), path)") from err
         raise UserError(f"{path} is not a PyTorch checkpoint, or it is truncated or corrupted ({reason}): "

@@ -1,0 +1,73 @@
+"""Checks of the configured values that need neither torch nor data. `snnbench run` makes them before it imports
+the pipeline (and with it torch), so that a mistyped value is refused in about a second, not after seconds of
+imports; the pipeline makes them again for callers that start it directly."""
+
+import re
+
+from snnbench.errors import UserError
+
+
+def positive_int(key: str, value, allow_none=False, example=32):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{key} must be a positive integer, got {value!r}: set e.g. {key}={example}")
+
+
+def check_values(cfg):
+    """Reject impossible values of the stages' general keys (sim.*, train.*, calibrate.*, device, choices),
+    naming the key and the fix. The methods check their own knobs."""
+    positive_int("sim.T", cfg.sim.T)
+    positive_int("sim.batch_size", cfg.sim.batch_size)
+    positive_int("sim.num_samples", cfg.sim.num_samples, allow_none=True)
+    positive_int("train.batch_size", cfg.train.batch_size)
+    positive_int("train.num_samples", cfg.train.num_samples, allow_none=True)
+    positive_int("calibrate.batch_size", cfg.calibrate.batch_size)
+    positive_int("calibrate.num_batches", cfg.calibrate.num_batches)
+    for key in ("sub_batch", "chunk"):
+        if cfg.sim[key] != "auto":
+            positive_int(f"sim.{key}", cfg.sim[key], example=16)
+    for key, value in (("epochs", cfg.train.epochs), ("warmup_epochs", cfg.train.get("warmup_epochs") or 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"train.{key} must be a non-negative integer, got {value!r}")
+    percentile = cfg.calibrate.percentile
+    if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
+        raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
+    choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
+               "sim.split": (cfg.sim.split, ("test", "train")),
+               "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
+               "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
+               "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    for key in ("channels_last", "integer_conv"):
+        if cfg.sim[key] not in ("auto", True, False):
+            raise UserError(f"sim.{key} must be auto, true or false, got {cfg.sim[key]!r}")
+    check_device(cfg.device)
+
+
+def check_device(name):
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N (N: a GPU's index), got {name!r}")
+
+
+def check_overrides(overrides: list[str], groups: list[str], model_has_target: bool = False):
+    """Refuse `+key=value` and `++key=value`, which add keys to the config (Hydra adds them without a word, and
+    no stage reads a key the config does not already have), and `~key`, which removes one the stages read.
+    Config group choices (`+experiment=...`) and Hydra's own keys are Hydra's to check; a model built from
+    `_target_` receives every `+model.<key>` as an argument."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key.split("/")[0] in groups or key.startswith("hydra"):
+            continue
+        if model_has_target and key.startswith("model.") and not override.is_delete():
+            continue
+        if override.is_add() or override.is_force_add():
+            raise UserError(f"unknown config key '{key}' ({override.input_line}): no stage reads a key added with + "
+                            f"or ++; `snnbench run --cfg job` prints the valid keys (change one with {key}=...)")
+        if override.is_delete():
+            raise UserError(f"{override.input_line} removes the config key '{key}', which the stages read: "
+                            f"set it instead ({key}=...)")
