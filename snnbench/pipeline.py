@@ -17,9 +17,10 @@ from torch.utils.data import Dataset
 from snnbench import methods
 from snnbench.calibrate import Calibration, calibrate
 from snnbench.convert import canonicalize, count_macs, device_of, trace
-from snnbench.data import DataSplits, build_splits, loader, seeded_subset
-from snnbench.devices import check_device, resolve_device
+from snnbench.data import DataSplits, build_splits, identity, loader, seeded_subset
+from snnbench.devices import resolve_device
 from snnbench.errors import UserError
+from snnbench.memory import check_simulation_memory
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
 from snnbench.shards import check_shard, counts_of, shard_of
@@ -35,48 +36,16 @@ from snnbench.train import (
     train,
     with_activation,
 )
+from snnbench.validate import check_values
 
 log = logging.getLogger("snnbench")
 
 
 def validate(cfg: DictConfig):
     """Reject impossible values before any work starts, naming the key and the fix."""
-    def positive_int(key, value, allow_none=False, example=32):
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UserError(f"{key} must be a positive integer, got {value!r}: set e.g. {key}={example}")
-
-    positive_int("sim.T", cfg.sim.T)
-    positive_int("sim.batch_size", cfg.sim.batch_size)
-    positive_int("sim.num_samples", cfg.sim.num_samples, allow_none=True)
-    positive_int("train.batch_size", cfg.train.batch_size)
-    positive_int("train.num_samples", cfg.train.num_samples, allow_none=True)
-    positive_int("calibrate.batch_size", cfg.calibrate.batch_size)
-    positive_int("calibrate.num_batches", cfg.calibrate.num_batches)
-    for key in ("sub_batch", "chunk"):
-        if cfg.sim[key] != "auto":
-            positive_int(f"sim.{key}", cfg.sim[key], example=16)
-    for key, value in (("epochs", cfg.train.epochs), ("warmup_epochs", cfg.train.get("warmup_epochs") or 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise UserError(f"train.{key} must be a non-negative integer, got {value!r}")
-    percentile = cfg.calibrate.percentile
-    if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
-        raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
-    choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
-               "sim.split": (cfg.sim.split, ("test", "train")),
-               "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
-               "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
-               "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    for key in ("channels_last", "integer_conv"):
-        if cfg.sim[key] not in ("auto", True, False):
-            raise UserError(f"sim.{key} must be auto, true or false, got {cfg.sim[key]!r}")
-    check_device(cfg.device)
+    check_values(cfg)
     check_shard(cfg.sim.shard, cfg.sim.num_shards)
-    if "_target_" in cfg.model and OmegaConf.is_missing(cfg.model, "_target_"):
+    if OmegaConf.is_missing(cfg.model, "_target_"):
         raise UserError("model=custom needs the class or factory to build: add model._target_=<module>.<Class> "
                         "(importable from the working directory or PYTHONPATH; docs/models.md)")
     methods.get(cfg.method.name).validate(cfg.method)
@@ -99,7 +68,7 @@ def prepare_ann(cfg, model, splits, device):
         path = Path(cfg.train.checkpoint)
         log.info("loading ANN weights from %s (training skipped)", path)
         return load_checkpoint(with_activation(model, cfg.train), path).eval(), str(path), sha256_of(path)
-    dataset = {k: v for k, v in _container(cfg.dataset).items() if k not in ("root", "download", "verify")}
+    dataset = identity(cfg.dataset)  # the data trained on, as well as the dataset's settings
     # unset options (None) stay out of the key, so a knob added later keeps existing cache entries valid
     train_cfg = {k: v for k, v in _container(cfg.train).items()
                  if k not in ("checkpoint", "num_workers") and v is not None}
@@ -164,7 +133,7 @@ def evaluated_images(cfg, splits):
 
 def calibrate_stage(cfg, ann, ann_sha, images, device) -> Calibration:
     """Stage 2: percentile thresholds of every ReLU, cached per (ANN, calibration setting)."""
-    key = config_hash(ann_sha, _container(cfg.calibrate), cfg.convert.maxpool, cfg.seed)
+    key = config_hash(ann_sha, identity(cfg.dataset), _container(cfg.calibrate), cfg.convert.maxpool, cfg.seed)
     path = Path(cfg.cache_dir) / "calibration" / f"{key}.pt"
 
     def build():
@@ -293,6 +262,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     clock = time.perf_counter()
     engine = engine_settings(cfg.sim, snn, images[0], device)
+    check_simulation_memory(snn, images[0], cfg.sim.T, engine.sub_batch, engine.chunk, device)
     log.info("simulating %s for T=%d (%s coding, %s)", cfg.method.name, cfg.sim.T, cfg.sim.coding, engine.describe())
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")

@@ -19,7 +19,7 @@ from snnbench.convert import RELU_FUNCTIONS, RELU_METHODS, replace_modules, trac
 from snnbench.errors import UserError
 from snnbench.models import load_checkpoint
 from snnbench.models.qcfs import QCFS
-from snnbench.report import atomic_write_bytes
+from snnbench.report import atomic_write_bytes, console
 
 log = logging.getLogger("snnbench")
 ACTIVATIONS = ("qcfs",)         # train.activation: besides null, the model's own ReLUs
@@ -29,8 +29,11 @@ QCFS_INIT_PERCENTILE = 99.9
 
 
 def progress_bar(**kwargs) -> Progress:
+    """A progress bar on the diagnostics console, which log lines share (they print above it, never onto it);
+    none when that console is a file or a pipe."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[status]}"), transient=True, **kwargs)
+                    TextColumn("{task.fields[status]}"), transient=True, console=console,
+                    disable=not console.is_terminal, **kwargs)
 
 
 @torch.inference_mode()
@@ -206,8 +209,13 @@ def config_hash(*parts) -> str:
 @contextmanager
 def claimed(path: Path):
     """Hold an exclusive lock on `path`.lock: parallel sweep jobs wait instead of building the same entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except OSError as err:
+        raise UserError(f"cannot write the cache entry {path} ({err.strerror}): set cache_dir=<a folder that can be "
+                        "written> (or env SNNBENCH_CACHE)") from err
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
