@@ -71,7 +71,7 @@ def restructure(model: torch.fx.GraphModule, kind: str, copies: int, example: to
     modules = dict(gm.named_modules())
     residual = [node for node in gm.graph.nodes if node.op == "call_module"
                 and isinstance(modules[node.target], nn.ReLU) and _is_addition(node.args[0])]
-    if not residual:
+    if not residual and kind != "split":  # split has nothing to split in a network without additions
         raise UserError(f"method.restructure={kind} rewrites the neurons after residual additions, and this model "
                         "has none: use method.restructure=none")
     if kind == "split":

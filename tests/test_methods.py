@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from snnbench import methods, pipeline
 from snnbench.calibrate import calibrate
 from snnbench.cli import CONF_DIR
+from snnbench.errors import UserError
 from snnbench.neurons import IFNeuron
 from snnbench.simulate import spiking_layers
 
@@ -78,3 +79,29 @@ def test_each_method_builds_its_neuron_on_the_calibrated_thresholds(name, c_max,
         assert isinstance(neuron, IFNeuron)
         assert (neuron.c_max, neuron.neg_threshold, neuron.v0) == (c_max, neg_threshold, cfg.method.v0)
         torch.testing.assert_close(neuron.threshold, scale * calibration.thresholds[layer])
+
+
+def test_a_conversion_is_cached_and_a_rerun_gives_the_same_results(run_method, caplog, tmp_path):
+    first = run_method("first", "method=ttrbr", "sim.T=6")
+    with caplog.at_level("INFO", logger="snnbench"):
+        again = run_method("again", "method=ttrbr", "sim.T=6")
+    assert "using cached conversion" in caplog.text
+    assert first[0].equals(again[0]) and first[1].equals(again[1])
+    entries = list((tmp_path / "cache" / "conversion").glob("ttrbr_*.pt"))
+    assert len(entries) == 1
+    with caplog.at_level("INFO", logger="snnbench"):
+        run_method("other_T", "method=ttrbr", "sim.T=5")  # tuned for another T: another entry
+    assert len(list((tmp_path / "cache" / "conversion").glob("ttrbr_*.pt"))) == 2
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("method.scales=[]", "method.scales must be a non-empty list of positive numbers"),
+    ("method.scales=[1,-2]", "method.scales must be a non-empty list of positive numbers"),
+    ("method.tune=maybe", "method.tune must be true or false, got 'maybe'"),
+    ("method.v0=high", "method.v0 must be a number, got 'high'"),
+])
+def test_a_method_checks_its_own_knobs(override, message):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=ttrbr", override])
+    with pytest.raises(UserError, match=message):
+        methods.get("ttrbr").validate(cfg.method)
