@@ -36,7 +36,9 @@ held_folders = {}  # run folder -> its open lock file, held until the process en
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """The group's options, nested ones as folder/name (model=torchvision/resnet18)."""
+    folder = CONF_DIR / group
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
 
 
 def new_folder(path: str) -> str:
@@ -213,8 +215,7 @@ def run(ctx: typer.Context):
     import hydra
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # errors reach _fail, which prints one line
-    if os.getcwd() not in sys.path:  # model._target_ may name a module in the working directory, as in Hydra apps
-        sys.path.insert(0, os.getcwd())
+    _working_directory_importable()
     hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
     sys.argv = ["snnbench", *ctx.args]
     try:
@@ -232,21 +233,31 @@ def run(ctx: typer.Context):
         raise typer.Exit(1)
 
 
+def _composed(overrides: list[str]):
+    """The config composed from conf/ and `overrides`, outside a Hydra run (bench, inspect)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _working_directory_importable():
+    """model._target_ may name a module in the working directory, as in Hydra apps."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context,
           out: Path | None = typer.Option(None, "--out", help="Also write the table as CSV to this file.")):
     """Image-steps/s, peak memory and accuracy of the snnbench engine, the step-by-step reference, the dense ANN
     floor and SpikingJelly on the same network: snnbench bench [HYDRA OVERRIDES...] [--out FILE.csv], e.g.
     `dataset=mnist sim.T=64 bench.repeats=3` (see docs/performance.md)."""
-    from hydra import compose, initialize_config_dir
-
     from snnbench.bench import run_bench
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[ConsoleLog()])
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=ctx.args)
-        run_bench(cfg, out)
+        run_bench(_composed(ctx.args), out)
     except (Exception, KeyboardInterrupt) as err:
         _fail(err)
 
@@ -256,17 +267,12 @@ def inspect(ctx: typer.Context):
     """How snnbench reads a model, without data or training: its spiking layers (name, the call each came from,
     output shape, neurons, fan-out), what was folded, removed or replaced, or the node that stops the conversion:
     snnbench inspect [HYDRA OVERRIDES...], e.g. `model=torchvision/resnet18 dataset=cifar10 convert.maxpool=avg`."""
-    from hydra import compose, initialize_config_dir
-
     from snnbench.inspection import inspect_model
     from snnbench.report import results
 
-    if os.getcwd() not in sys.path:  # as in `run`: model._target_ may name a module in the working directory
-        sys.path.insert(0, os.getcwd())
+    _working_directory_importable()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=ctx.args)
-        inspect_model(cfg, results)
+        inspect_model(_composed(ctx.args), results)
     except (Exception, KeyboardInterrupt) as err:
         _fail(err)
 
