@@ -85,9 +85,9 @@ class Simulation:
 
     def __init__(self, module: torch.fx.GraphModule, settings: Settings):
         self.module, self.settings = module, settings
-        called = {node.target for node in module.graph.nodes if node.op == "call_module"}
-        self.neurons = {name: neuron for name, neuron in module.named_modules()
-                        if name in called and isinstance(neuron, IFNeuron)}
+        called = {node.target: module.get_submodule(node.target) for node in module.graph.nodes
+                  if node.op == "call_module"}
+        self.neurons = {name: neuron for name, neuron in called.items() if isinstance(neuron, IFNeuron)}
 
     @torch.inference_mode()
     def run(self, batches, progress=None) -> SimulationResult:

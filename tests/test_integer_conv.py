@@ -258,3 +258,30 @@ def test_only_convs_deep_enough_compute_in_integers():
     assert integer_convs(100) == {"features.7", "features.11"}  # 16 channels x 9 taps; features.4 has 8 x 9 = 72
     assert integer_convs(0) == {"features.4", "features.7", "features.11"}
     assert integer_modules(graph, 10_000) == {}
+
+
+class NeuronOutsideItsLayersBlock(nn.Module):
+    """A neuron at the top level between two convs of one block: its integer conv (a module of the int8 engine's
+    graph that holds the neuron) comes before the neuron itself in the module tree."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Module()
+        self.block.conv1, self.block.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.neuron, self.last = IFNeuron(torch.tensor(0.2)), IFNeuron(torch.tensor(0.3))
+        self.linear = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.linear(self.last(self.block.conv2(self.neuron(self.block.conv1(x)))).flatten(1))
+
+
+@needs_int8
+def test_every_neuron_is_counted_wherever_the_engines_graph_holds_it():
+    data = image_batches()
+    torch.manual_seed(0)
+    reference = simulate(NeuronOutsideItsLayersBlock(), data, 6, 1, engine="reference")
+    torch.manual_seed(0)
+    integer = simulate(NeuronOutsideItsLayersBlock(), data, 6, 3, engine="int8", integer_min_depth=0)
+    assert set(integer.events) == set(reference.events) == {"neuron", "last"}
+    assert reference.events["neuron"].sum() > 0
+    assert torch.equal(integer.events["neuron"], reference.events["neuron"])
