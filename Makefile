@@ -37,7 +37,7 @@ test: install  ## run the fast test suite
 test-slow: install  ## run the slow tests too
 	$(BIN)/pytest -q -m ''
 
-test-slurm: install  ## one-node SLURM cluster here (root; installs slurm-wlm, munge): a sweep and shards via SLURM, ~1 min
+test-slurm: install  ## one-node SLURM cluster here (root; installs slurm-wlm, munge): a sweep and shards via SLURM, 1-2 min
 	scripts/slurm_test.sh
 
 lint: install  ## ruff

@@ -20,16 +20,18 @@ fi
 
 WORK=$(mktemp -d /tmp/snnbench-slurm.XXXXXX)
 export SLURM_CONF=$WORK/slurm.conf  # sbatch, squeue and scancel (which submitit calls) read this config
-pids=()
+pids=()  # the daemons, in the order they started
 
 stop_daemons() {
     local status=$?
     if [ -n "${slurmctld_pid:-}" ]; then
-        scancel --quiet --user=root 2>/dev/null || true  # jobs left by a failure: their steps end before slurmd
+        scancel --quiet --user=root 2>/dev/null || true  # jobs left by a failure end while munge and slurmd run
         for _ in $(seq 30); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 1; done
     fi
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for (( i = ${#pids[@]} - 1; i >= 0; i-- )); do  # slurmd, slurmctld, then munged, which they talk to
+        kill "${pids[i]}" 2>/dev/null || true
+        wait "${pids[i]}" 2>/dev/null || true
+    done
     if [ "$status" = 0 ]; then
         rm -rf "$WORK"
     else
@@ -45,11 +47,13 @@ trap 'exit 130' INT TERM
 
 free_port() { "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
 
+# each daemon in a session of its own (setsid, the same PID): Ctrl-C stops the test, which then stops the jobs and
+# the daemons in order, instead of reaching the daemons first and orphaning the jobs' steps
 echo "== starting munged, slurmctld and slurmd (config and logs in $WORK)"
 mkdir -m 700 "$WORK/munge" "$WORK/state" "$WORK/spool"
 dd if=/dev/urandom of="$WORK/munge/munge.key" bs=1024 count=1 status=none
 chmod 400 "$WORK/munge/munge.key"
-munged --foreground --force --key-file="$WORK/munge/munge.key" --socket="$WORK/munge/munge.socket" \
+setsid munged --foreground --force --key-file="$WORK/munge/munge.key" --socket="$WORK/munge/munge.socket" \
     --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/munge/munged.log" --seed-file="$WORK/munge/munged.seed" \
     > "$WORK/munged.out" 2>&1 &
 pids+=($!)
@@ -81,10 +85,10 @@ $(slurmd -C | head -n 1) State=UNKNOWN
 PartitionName=test Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 for _ in $(seq 50); do [ -S "$WORK/munge/munge.socket" ] && break; sleep 0.2; done
-slurmctld -D -i -f "$SLURM_CONF" > "$WORK/slurmctld.out" 2>&1 &
+setsid slurmctld -D -i -f "$SLURM_CONF" > "$WORK/slurmctld.out" 2>&1 &
 slurmctld_pid=$!
 pids+=("$slurmctld_pid")
-slurmd -D -f "$SLURM_CONF" > "$WORK/slurmd.out" 2>&1 &
+setsid slurmd -D -f "$SLURM_CONF" > "$WORK/slurmd.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 60); do
     [ "$(sinfo -h -o %T 2>/dev/null)" = idle ] && break
