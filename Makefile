@@ -40,6 +40,9 @@ test-slow: install  ## run the slow tests too
 test-slurm: install  ## one-node SLURM cluster here (root; installs slurm-wlm, munge): a sweep and shards via SLURM, 1-2 min
 	scripts/slurm_test.sh
 
+install-check: install  ## pip install . of a clean clone (committed tree) into a fresh venv, then `snnbench run` elsewhere (~6 min)
+	$(BIN)/pytest -q -m slow tests/test_install.py
+
 lint: install  ## ruff
 	$(BIN)/ruff check snnbench tests
 
@@ -47,4 +50,4 @@ clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs/runs outputs/multirun outputs/cache .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install run sweep report bench test test-slow test-slurm lint clean
+.PHONY: help install run sweep report bench test test-slow test-slurm install-check lint clean
