@@ -4,21 +4,16 @@ until the process exits), so the jobs of a parallel sweep never share a GPU unle
 
 import fcntl
 import os
-import re
 import tempfile
 from pathlib import Path
 
 import torch
 
 from snnbench.errors import UserError
+from snnbench.validate import check_device
 
 # the GPU this process took, kept until it exits: a joblib worker runs every job it is given on it
 _claimed = {}
-
-
-def check_device(name):
-    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N (N: a GPU's index), got {name!r}")
 
 
 def resolve_device(name: str) -> str:
