@@ -28,6 +28,9 @@ RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torc
 RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+DROPOUT_AS_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+                      F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+                      F.feature_alpha_dropout: nn.FeatureAlphaDropout}
 MAX_POOLS = {nn.MaxPool2d: "nn.MaxPool2d", nn.AdaptiveMaxPool2d: "nn.AdaptiveMaxPool2d"}
 MAX_POOL_FUNCTIONS = {F.max_pool2d: "F.max_pool2d", F.adaptive_max_pool2d: "F.adaptive_max_pool2d"}
 # the linear maps a spiking network computes as they are, once per chunk of time steps
@@ -105,12 +108,47 @@ def canonicalize(model: nn.Module, maxpool: str = "error") -> CanonicalGraph:
             node.replace_all_uses_with(source)
             graph.erase_node(node)
         elif _max_pool(node, module) is not None:
-            _replace_max_pool(gm, node, module, result)
+            result.replaced.append(_replace_max_pool(gm, node, module))
     _name_spiking_layers(gm, result)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return result
+
+
+def trainable_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """`model` traced (the same submodules and state_dict keys) so that the graph trains as the model did:
+    functional dropout becomes a Dropout module, which follows train() and eval() (fx records F.dropout's
+    `training` argument as the constant it was while tracing)."""
+    gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in DROPOUT_AS_MODULES:
+            probability = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            name = unique_name(gm, f"{_scope(node)}{node.name}")
+            gm.add_submodule(name, DROPOUT_AS_MODULES[node.target](probability))
+            with graph.inserting_after(node):
+                node.replace_all_uses_with(graph.call_module(name, (node.args[0],)))
+            graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def with_average_pooling(model: nn.Module) -> nn.Module:
+    """`model` with every max pooling replaced by average pooling over the same windows (convert.maxpool=avg),
+    as a traced graph with the same state_dict; `model` itself if it has none. Trained this way, the ANN is the
+    network that converts."""
+    gm = trainable_trace(copy.deepcopy(model))
+    modules = dict(gm.named_modules())
+    pools = [(node, modules.get(node.target) if node.op == "call_module" else None) for node in gm.graph.nodes]
+    pools = [(node, module) for node, module in pools if _max_pool(node, module) is not None]
+    if not pools:
+        return model
+    for node, module in pools:
+        _replace_max_pool(gm, node, module)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def first_refused_node(gm: torch.fx.GraphModule, maxpool: str = "error") -> str | None:
@@ -194,9 +232,9 @@ def _max_pool(node, module):
     return None
 
 
-def _replace_max_pool(gm, node, module, result: CanonicalGraph):
+def _replace_max_pool(gm, node, module) -> str:
     """Max pooling -> average pooling over the same windows (convert.maxpool=avg): a module in its place, a
-    functional call by a module named after it."""
+    functional call by a module named after it. Returns what was replaced."""
     origin = _describe(node, module)
     if module is None:  # the functional form: its arguments as a module's
         names = ("kernel_size", "stride", "padding") if node.target is F.max_pool2d else ("output_size",)
@@ -214,7 +252,7 @@ def _replace_max_pool(gm, node, module, result: CanonicalGraph):
     else:
         average = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode)
     gm.add_submodule(name, average)
-    result.replaced.append(f"{origin} -> average pooling")
+    return f"{origin} -> average pooling"
 
 
 def _name_spiking_layers(gm: torch.fx.GraphModule, result: CanonicalGraph):

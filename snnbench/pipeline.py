@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from snnbench import methods
 from snnbench.calibrate import Calibration, calibrate
-from snnbench.convert import canonicalize, count_macs, device_of, trace
+from snnbench.convert import canonicalize, count_macs, device_of, trace, with_average_pooling
 from snnbench.data import DataSplits, build_splits, identity, loader, seeded_subset
 from snnbench.devices import resolve_device
 from snnbench.errors import UserError
@@ -91,7 +91,7 @@ def prepare_ann(cfg, model, splits, device):
         return train(start, train_batches, test_batches, cfg.train, device, progress)
 
     def load(p):
-        return load_checkpoint(with_activation(build_model(cfg.model, cfg.dataset), cfg.train), p)
+        return load_checkpoint(with_activation(build_ann(cfg), cfg.train), p)
 
     ann, digest, was_cached = cached(path, key, build, _state_bytes, load)
     progress.unlink(missing_ok=True)  # only now: the finished ANN is safely in the cache
@@ -193,11 +193,18 @@ class Prepared:
     times: dict[str, float]         # seconds of each stage
 
 
+def build_ann(cfg: DictConfig) -> nn.Module:
+    """cfg.model for cfg.dataset, as it is trained or loaded: with convert.maxpool=avg its max pooling is average
+    pooling already, so that the ANN snnbench trains and scores is the network it converts."""
+    model = build_model(cfg.model, cfg.dataset)
+    return with_average_pooling(model) if cfg.convert.maxpool == "avg" else model
+
+
 def prepare(cfg: DictConfig, device: str) -> Prepared:
     """Check the config and the model (before any data is read or weights trained), then load the data, train or
     load the ANN, calibrate it and convert it with cfg.method."""
     validate(cfg)
-    model = build_model(cfg.model, cfg.dataset)
+    model = build_ann(cfg)
     canonicalize(with_activation(model, cfg.train), cfg.convert.maxpool)  # refused now rather than after training
     times, clock = {}, time.perf_counter()
     splits = build_splits(cfg.dataset, cfg.cache_dir)

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from snnbench.errors import UserError
@@ -14,8 +13,6 @@ from snnbench.models.resnet import ResNet
 ARCHITECTURES = {"convnet": ConvNet, "resnet": ResNet}
 # model config keys that snnbench reads itself; a `_target_` model receives every other key as an argument
 SNNBENCH_KEYS = ("name", "arch", "normalize", "normalizes_input")
-DROPOUT_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
-                   F.alpha_dropout: nn.AlphaDropout}
 
 
 def build_model(model_cfg, dataset_cfg) -> nn.Module:
@@ -54,20 +51,11 @@ def _instantiate(model_cfg) -> nn.Module:
 
 
 def with_input_normalization(model: nn.Module, normalize: Normalize) -> nn.Module:
-    """`model` traced (the same submodules and state_dict keys) with `normalize` applied to its input first.
-    Functional dropout becomes a Dropout module, so that the traced graph still follows train() and eval()."""
-    from snnbench.convert import trace, unique_name
+    """`model` traced (the same submodules and state_dict keys) with `normalize` applied to its input first."""
+    from snnbench.convert import trainable_trace, unique_name
 
-    gm = trace(model)
+    gm = trainable_trace(model)
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in DROPOUT_MODULES:
-            probability = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-            name = unique_name(gm, f"{node.name}_module")
-            gm.add_submodule(name, DROPOUT_MODULES[node.target](probability))
-            with graph.inserting_after(node):
-                node.replace_all_uses_with(graph.call_module(name, (node.args[0],)))
-            graph.erase_node(node)
     name = unique_name(gm, "normalize")
     gm.add_submodule(name, normalize)
     image = next(node for node in graph.nodes if node.op == "placeholder")
