@@ -101,9 +101,10 @@ def prepare_ann(cfg, model, splits, device):
 
 
 def architecture(model) -> str:
-    """What the model computes, as traced, with its parameters' shapes: a changed class changes the cache key."""
-    shapes = sorted((name, tuple(value.shape)) for name, value in model.state_dict().items())
-    return f"{trace(model).code}\n{shapes}"
+    """What the model computes: its traced code, which calls what, and its modules with their settings and
+    parameter shapes (the repr), so that a changed class, or a max pooling become average pooling, changes the
+    cache key."""
+    return f"{trace(model).code}\n{model!r}"
 
 
 def calibration_images(cfg, splits):

@@ -202,3 +202,20 @@ def test_a_target_that_cannot_be_built_is_named():
     spec = OmegaConf.create({"name": "x", "_target_": "user_models.NoSuchNet", "normalizes_input": True})
     with pytest.raises(UserError, match=r"cannot build model._target_=user_models.NoSuchNet"):
         build_model(spec, DATA)
+
+
+def test_average_pooling_replaces_max_pooling_before_training_and_changes_the_cache_key():
+    from snnbench.convert import with_average_pooling
+    from snnbench.pipeline import architecture
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    averaged = with_average_pooling(model)
+    assert isinstance(averaged.get_submodule("maxpool"), nn.AvgPool2d)
+    assert isinstance(model.get_submodule("maxpool"), nn.MaxPool2d)  # the model itself is left as it was
+    assert averaged.state_dict().keys() == model.state_dict().keys()
+    assert architecture(averaged) != architecture(model)
+    plain = Mixed()
+    assert with_average_pooling(plain) is plain  # nothing to replace
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(averaged.eval()(x), canonicalize(model, "avg").module(x), rtol=1e-4, atol=1e-4)
