@@ -7,7 +7,9 @@ images and chunks of steps that they share. The backends themselves are the modu
 """
 
 import abc
+import concurrent.futures
 import ctypes
+import queue
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -78,52 +80,113 @@ class Settings:
     layout: torch.memory_format = torch.contiguous_format  # of 4-D feature maps
     sub_batch: int | None = None                          # images simulated at once (None: whole batches)
     integer_min_depth: int | None = 0                     # int8: the shallowest spike-fed layer in integers
+    threads: int | None = None                            # CPU: blocks simulated at once (None: torch's threads)
+
+
+def blocks_at_once(device, threads: int | None = None) -> int:
+    """Blocks of images simulated at once, each by a thread of its own: on a CPU as many as torch's intra-op
+    threads (or `threads`), each computing with one thread; on a GPU one (its kernels run asynchronously anyway)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return threads or torch.get_num_threads()
 
 
 class Simulation:
-    """A backend's module for one network, ready to simulate batches."""
+    """A backend's module graphs of one network, ready to simulate batches: one graph per block simulated at
+    once, each with a state of its own."""
 
-    def __init__(self, module: torch.fx.GraphModule, settings: Settings):
-        self.module, self.settings = module, settings
-        called = {node.target: module.get_submodule(node.target) for node in module.graph.nodes
-                  if node.op == "call_module"}
-        self.neurons = {name: neuron for name, neuron in called.items() if isinstance(neuron, IFNeuron)}
+    def __init__(self, modules: list[torch.fx.GraphModule], settings: Settings):
+        self.modules, self.settings = modules, settings
+        self.neurons = [_neurons_of(module) for module in modules]
 
-    @torch.inference_mode()
     def run(self, batches, progress=None) -> SimulationResult:
         """T steps on every (images, labels) batch, `sub_batch` images at a time, `chunk` steps folded into one
-        batch at a time; the counters stay on the device until the end."""
-        T, chunk, coding, device = self.settings.T, self.settings.chunk, self.settings.coding, self.settings.device
+        batch at a time, several blocks at once on a CPU; the counters stay on the device until the end. Poisson
+        draws are seeded per block, so that they do not depend on which thread simulates which block."""
+        T, device = self.settings.T, self.settings.device
         correct = torch.zeros(T, dtype=torch.long, device=device)
-        events = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons}
-        units = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons}
-        generator = torch.Generator(device=device).manual_seed(self.settings.seed)
+        events = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons[0]}
+        units = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons[0]}
         num_images = 0
-        for images, labels in _parts(batches, self.settings.sub_batch, device, self.settings.layout):
-            batch = images.shape[0]
-            for neuron in self.neurons.values():
-                neuron.reset(batch, T)
-            accumulated = None
-            for start in range(0, T, chunk):
-                steps = min(chunk, T - start)
-                for neuron in self.neurons.values():
-                    neuron.steps = steps
-                inputs = images if coding == "direct" else placed(_poisson(images, steps, generator), device,
-                                                                   self.settings.layout)
-                # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
-                outputs = self.module(inputs).view(steps, batch, -1).cumsum(0)
-                if accumulated is not None:
-                    outputs += accumulated
-                accumulated = outputs[-1]
-                correct[start:start + steps] += (outputs.argmax(-1) == labels).sum(1)
-            for name, neuron in self.neurons.items():
-                events[name] += neuron.events
-                units[name] += neuron.units
-            num_images += batch
+        blocks = enumerate(_parts(batches, self.settings.sub_batch, device, self.settings.layout))
+        for images, (block_correct, block_events, block_units) in self._simulated(blocks):
+            correct += block_correct
+            for name in events:
+                events[name] += block_events[name]
+                units[name] += block_units[name]
+            num_images += len(images)
             if progress:
-                progress(batch)
+                progress(len(images))
         return SimulationResult(correct.cpu(), num_images, {name: e.cpu() for name, e in events.items()},
                                 {name: u.cpu() for name, u in units.items()})
+
+    def _simulated(self, blocks):
+        """(images, result) of every (index, (images, labels)) block, one at a time or, with several graphs, each
+        on a thread of its own with one intra-op thread: no block waits for another's threads to meet (the
+        barriers of an op split over threads, which stall when other jobs take the cores: docs/performance.md)."""
+        if len(self.modules) == 1:
+            for index, (images, labels) in blocks:
+                yield images, self._block(0, index, images, labels)
+            return
+        free = queue.SimpleQueue()
+        for graph in range(len(self.modules)):
+            free.put(graph)
+
+        def on_a_free_graph(index, images, labels):
+            graph = free.get()
+            try:
+                return images, self._block(graph, index, images, labels)
+            finally:
+                free.put(graph)
+
+        threads = torch.get_num_threads()
+        pool = concurrent.futures.ThreadPoolExecutor(len(self.modules), initializer=torch.set_num_threads,
+                                                     initargs=(1,))
+        pending = set()
+        try:
+            for index, (images, labels) in blocks:
+                pending.add(pool.submit(on_a_free_graph, index, images, labels))
+                if len(pending) >= 2 * len(self.modules):  # a few blocks ahead, not the whole data set
+                    done, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+                    yield from (future.result() for future in done)
+            yield from (future.result() for future in concurrent.futures.as_completed(pending))
+        finally:  # also when the caller stops early (an interrupt): the blocks not started are dropped
+            pool.shutdown(cancel_futures=True)
+            torch.set_num_threads(threads)  # the threads' setting also reached process-wide libraries (MKL)
+
+    @torch.inference_mode()
+    def _block(self, graph: int, index: int, images: torch.Tensor, labels: torch.Tensor):
+        """T steps of one block of images on graph number `graph`: correct predictions, events and spike units
+        per layer at every step."""
+        module, neurons, settings = self.modules[graph], self.neurons[graph], self.settings
+        T, chunk, batch = settings.T, settings.chunk, images.shape[0]
+        generator = (torch.Generator(device=settings.device).manual_seed(settings.seed * 1_000_003 + index)
+                     if settings.coding == "poisson" else None)
+        for neuron in neurons.values():
+            neuron.reset(batch, T)
+        correct = torch.zeros(T, dtype=torch.long, device=settings.device)
+        accumulated = None
+        for start in range(0, T, chunk):
+            steps = min(chunk, T - start)
+            for neuron in neurons.values():
+                neuron.steps = steps
+            inputs = images if generator is None else placed(_poisson(images, steps, generator), settings.device,
+                                                             settings.layout)
+            # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
+            outputs = module(inputs).view(steps, batch, -1).cumsum(0)
+            if accumulated is not None:
+                outputs += accumulated
+            accumulated = outputs[-1]
+            correct[start:start + steps] = (outputs.argmax(-1) == labels).sum(1)
+        return (correct, {name: neuron.events for name, neuron in neurons.items()},
+                {name: neuron.units for name, neuron in neurons.items()})
+
+
+def _neurons_of(module: torch.fx.GraphModule) -> dict[str, IFNeuron]:
+    """The neurons a graph calls, by the name it calls them (also where another module of the graph holds one)."""
+    called = {node.target: module.get_submodule(node.target) for node in module.graph.nodes
+              if node.op == "call_module"}
+    return {name: neuron for name, neuron in called.items() if isinstance(neuron, IFNeuron)}
 
 
 class Backend(abc.ABC):
@@ -138,9 +201,19 @@ class Backend(abc.ABC):
         return None
 
     def prepare(self, network: nn.Module, settings: Settings) -> Simulation:
-        """`network`, moved to the settings' device and layout, as this backend simulates it."""
+        """`network`, moved to the settings' device and layout, as this backend simulates it: one module graph per
+        block simulated at once. The first calls the network's own neurons where the backend does (so that hooks
+        on them see the simulation), the others copies of them (a state of their own)."""
         network.eval().to(settings.device, memory_format=settings.layout)
-        return Simulation(self.module_graph(SpikingGraph(network), settings), settings)
+        own = set(spiking_layers(network).values())
+        modules = []
+        for number in range(blocks_at_once(settings.device, settings.threads)):
+            module = self.module_graph(SpikingGraph(network), settings)  # traced here: fx's tracer is not threadsafe
+            for name, neuron in _neurons_of(module).items():
+                if number and neuron in own:
+                    module.add_submodule(name, type(neuron).like(neuron))
+            modules.append(module)
+        return Simulation(modules, settings)
 
     @abc.abstractmethod
     def module_graph(self, graph: SpikingGraph, settings: Settings) -> torch.fx.GraphModule:
@@ -251,7 +324,8 @@ def engine_settings(sim, model: nn.Module, image: torch.Tensor, device) -> Engin
     """The `sim` config's engine knobs resolved for `model` (one `image` of its input) on `device`."""
     engine, min_depth = choose_engine(sim.engine, sim.integer_conv, device)
     sub_batch = choose_sub_batch(sim.sub_batch, sim.batch_size, device)
-    chunk = 1 if engine == "reference" else choose_chunk(sim.chunk, sim.T, sub_batch, activation_elements(model, image),
+    images = sub_batch * blocks_at_once(device)  # simulated at once
+    chunk = 1 if engine == "reference" else choose_chunk(sim.chunk, sim.T, images, activation_elements(model, image),
                                                          sim.max_memory_mb, device)
     return EngineSettings(engine, sub_batch, chunk, memory_format(sim.channels_last, device), min_depth)
 

@@ -3,10 +3,18 @@ import pytest
 import torch
 from torch import nn
 
+from snnbench import engines
 from snnbench.errors import UserError
 from snnbench.integer_conv import int8_conv_available
 from snnbench.neurons import IFNeuron
-from snnbench.simulate import choose_chunk, choose_engine, choose_sub_batch, memory_budget_mb, simulate
+from snnbench.simulate import (
+    Settings,
+    choose_chunk,
+    choose_engine,
+    choose_sub_batch,
+    memory_budget_mb,
+    simulate,
+)
 
 
 def simulate_step_by_step(model, batches, T, **settings):
@@ -50,6 +58,31 @@ def test_parts_of_each_batch_at_a_time_give_the_reference_results(coding):
     if coding == "direct":  # every image alike, whatever the parts (Poisson draws follow them)
         whole = simulate(spiking_net(), data, T, 4)
         assert torch.equal(parts.correct, whole.correct) and torch.equal(parts.events["1"], whole.events["1"])
+
+
+@pytest.mark.parametrize("coding", ["direct", "poisson"])
+def test_blocks_simulated_at_once_by_threads_of_their_own_give_the_same_results(coding):
+    data, T = batches(n=3, batch=7), 9
+    results, threads = [], torch.get_num_threads()
+    for blocks in (1, 3):
+        simulation = engines.get("torch").prepare(spiking_net(), Settings(T, 4, coding, seed=3, sub_batch=2,
+                                                                          threads=blocks))
+        assert len(simulation.modules) == blocks
+        assert len({id(neuron) for graph in simulation.neurons for neuron in graph.values()}) == 2 * blocks
+        results.append(simulation.run(data))
+        assert torch.get_num_threads() == threads
+    one, three = results
+    assert torch.equal(one.correct, three.correct) and one.num_images == three.num_images == 21
+    for name in one.events:
+        assert one.events[name].sum() > 0
+        assert torch.equal(one.events[name], three.events[name]) and torch.equal(one.units[name], three.units[name])
+
+
+def test_hooks_on_the_networks_neurons_see_a_simulation_of_one_block():
+    net, seen = spiking_net(), []
+    net[1].register_forward_pre_hook(lambda neuron, args: seen.append(args[0].shape))
+    simulate(net, batches(n=1), 6, 3)
+    assert seen == [(5, 4, 6, 6)] * 2  # the first layer's constant current, once per chunk
 
 
 def test_sub_batch_is_at_most_the_batch():
