@@ -23,7 +23,7 @@ from snnbench.errors import UserError
 from snnbench.memory import check_simulation_memory
 from snnbench.models import build_model, load_checkpoint
 from snnbench.report import show_run, write_csv, write_json
-from snnbench.shards import check_shard, counts_of, shard_of
+from snnbench.shards import check_shard, counts_of, per_image, shard_of
 from snnbench.simulate import engine_settings, reuse_freed_memory, simulate
 from snnbench.train import (
     cached,
@@ -157,27 +157,16 @@ def calibrate_stage(cfg, ann, ann_sha, images, device) -> Calibration:
     return calibration
 
 
-def tabulate(cfg, result, calibration, snn, fan, diagnostics) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """accuracy.csv (one row per t, counts cumulative up to t) and layers.csv (one row per spiking layer)."""
-    n, T = max(result.num_images, 1), cfg.sim.T
-    sops_t = sum(result.events[name] * fan[name] for name in result.events)
-    accuracy = pd.DataFrame({
-        "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
-        "t": range(1, T + 1), "accuracy": result.accuracy().numpy(),
-        "events_per_image": (sum(result.events.values()).cumsum(0) / n).numpy(),
-        "spike_units_per_image": (sum(result.units.values()).cumsum(0) / n).numpy(),
-        "sops_per_image": (sops_t.cumsum(0) / n).numpy(),
-    })
-    rows = []
-    for name in result.events:
-        events, units = result.events[name].sum().item() / n, result.units[name].sum().item() / n
-        neurons = calibration.neurons[name]
-        rows.append({"layer": name, "neurons": neurons,
-                     "threshold": snn.get_submodule(name).threshold.mean().item(),
-                     "events_per_image": events, "spike_units_per_image": units,
-                     "firing_rate": events / (neurons * T), "sops_per_image": events * fan[name],
-                     **diagnostics.get(name, {})})
-    return accuracy, pd.DataFrame(rows)
+def tabulate(cfg, counts, calibration, snn, diagnostics) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """accuracy.csv (one row per t, counts cumulative up to t) and layers.csv (one row per spiking layer) from the
+    run's counts (shards.counts_of), as a merge of shards computes them."""
+    columns, counted = per_image(counts, calibration.neurons, cfg.sim.T)
+    accuracy = pd.DataFrame({"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
+                             "t": range(1, cfg.sim.T + 1), **columns})
+    layers = pd.DataFrame([{"layer": name, "neurons": calibration.neurons[name],
+                            "threshold": snn.get_submodule(name).threshold.mean().item(),
+                            **counted[name], **diagnostics.get(name, {})} for name in counted])
+    return accuracy, layers
 
 
 @dataclass
@@ -280,7 +269,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                           integer_min_depth=engine.integer_min_depth)
     times["time_simulate_s"] = time.perf_counter() - clock
 
-    accuracy, layers = tabulate(cfg, result, calibration, snn, fan, conversion.diagnostics)
+    counts = counts_of(result, fan, ann_accuracy)  # what `report` merges shards from
+    accuracy, layers = tabulate(cfg, counts, calibration, snn, conversion.diagnostics)
     macs_per_image = sum(macs.values())
     first_layer_macs = next(iter(macs.values())) if cfg.sim.coding == "direct" else 0
     sops = accuracy.sops_per_image.iloc[-1]
@@ -306,7 +296,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         write_csv(run_dir / "accuracy.csv", accuracy)
         write_csv(run_dir / "layers.csv", layers)
-        write_json(run_dir / "counts.json", counts_of(result, fan, ann_accuracy))  # what `report` merges shards from
+        write_json(run_dir / "counts.json", counts)
         write_json(run_dir / "summary.json", summary)
     except BaseException:
         for name in ("accuracy.csv", "layers.csv", "counts.json"):

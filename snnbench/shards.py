@@ -60,6 +60,23 @@ def counts_of(result, fan: dict, ann_accuracy: float) -> dict:
     }
 
 
+def per_image(counts: dict, neurons: dict, T: int) -> tuple[dict, dict]:
+    """The per-image numbers of a run, or of merged shards, from its counts: accuracy.csv's columns over t, and
+    per spiking layer (`neurons` per image) layers.csv's counted columns. One formula for both."""
+    n = max(counts["num_images"], 1)
+    steps = counts["steps"]
+    columns = {"accuracy": [correct / n for correct in steps["correct"]],
+               "events_per_image": [events / n for events in steps["events"]],
+               "spike_units_per_image": [units / n for units in steps["spike_units"]],
+               "sops_per_image": [sops / n for sops in steps["sops"]]}
+    layers = {}
+    for name, layer in counts["layers"].items():
+        events = layer["events"] / n
+        layers[name] = {"events_per_image": events, "spike_units_per_image": layer["spike_units"] / n,
+                        "firing_rate": events / (neurons[name] * T), "sops_per_image": events * layer["fan_out"]}
+    return columns, layers
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -158,18 +175,15 @@ def merge(shards: list[Path], target: Path) -> Path:
     totals = {name: {key: sum(count["layers"][name][key] for count in counts) for key in ("events", "spike_units")}
               for name in counts[0]["layers"]}
     fan = {name: layer["fan_out"] for name, layer in counts[0]["layers"].items()}
+    merged_counts = {"num_images": n, "ann_correct": sum(count["ann_correct"] for count in counts), "steps": steps,
+                     "layers": {name: {**totals[name], "fan_out": fan[name]} for name in totals}}
 
-    accuracy = pd.read_csv(shards[0] / "accuracy.csv")[["method", "dataset", "model", "t"]].assign(
-        accuracy=[correct / n for correct in steps["correct"]],
-        events_per_image=[events / n for events in steps["events"]],
-        spike_units_per_image=[units / n for units in steps["spike_units"]],
-        sops_per_image=[sops / n for sops in steps["sops"]])
-    T = summaries[0]["T"]
     layers = pd.read_csv(shards[0] / "layers.csv")
-    layers["events_per_image"] = [totals[name]["events"] / n for name in layers.layer]
-    layers["spike_units_per_image"] = [totals[name]["spike_units"] / n for name in layers.layer]
-    layers["firing_rate"] = layers.events_per_image / (layers.neurons * T)
-    layers["sops_per_image"] = layers.events_per_image * layers.layer.map(fan)
+    columns, counted = per_image(merged_counts, dict(zip(layers.layer, layers.neurons, strict=True)),
+                                 summaries[0]["T"])
+    accuracy = pd.read_csv(shards[0] / "accuracy.csv")[["method", "dataset", "model", "t"]].assign(**columns)
+    for column in COUNTED_LAYER_COLUMNS:
+        layers[column] = [counted[name][column] for name in layers.layer]
 
     last = accuracy.iloc[-1]
     summary = {
@@ -184,9 +198,6 @@ def merge(shards: list[Path], target: Path) -> Path:
         **{key: round(sum(s[key] for s in summaries), 3) for key in summaries[0] if key.startswith("time_")},
         "merged_from": [str(run) for run in shards],
     }
-    merged_counts = {"num_images": n, "ann_correct": sum(count["ann_correct"] for count in counts), "steps": steps,
-                     "layers": {name: {**totals[name], "fan_out": fan[name]} for name in totals}}
-
     (target / "summary.json").unlink(missing_ok=True)  # written last: it marks the merge complete
     overrides = [item for item in OmegaConf.to_container(OmegaConf.load(shards[0] / ".hydra" / "overrides.yaml"))
                  if str(item).partition("=")[0].lstrip("+~") not in SHARD_KEYS]
