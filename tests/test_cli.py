@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,10 @@ def test_run_end_to_end_on_digits(tmp_path):
         assert key in summary
     assert summary["snn_accuracy"] == accuracy.accuracy.iloc[-1]
     assert (out / ".hydra" / "config.yaml").exists()
+    # results on stdout, diagnostics on stderr, ending with where the results went
+    assert "SNN accuracy %" in done.stdout and "training ANN" not in done.stdout
+    assert "training ANN" in done.stderr and "SNN accuracy %" not in done.stderr
+    assert done.stderr.endswith(f"results in {out}\n")
 
 
 def test_cfg_job_prints_the_composed_config():
@@ -51,8 +56,17 @@ def test_list_shows_groups():
 
 
 def test_help_on_every_command():
-    for command in ([], ["run"], ["list"]):
+    for command in ([], ["run"], ["list"], ["report"], ["bench"]):
         assert snnbench(*command, "--help").returncode == 0
+
+
+def test_run_help_lists_hydra_flags_and_config_groups_with_their_options():
+    done = snnbench("run", "--help", env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0
+    for text in ("-m ", "--cfg job", "--hydra-help", "KEY=VALUE", "GROUP=OPTION", "dataset=", "fashion_mnist",
+                 "model=", "resnet20", "method=", "ttrbr", "experiment=", "digits_methods", "hydra/launcher=",
+                 "submitit_local", "outputs/runs/<date>/<time>_<dataset>_<method>/"):
+        assert text in done.stdout, text
 
 
 @pytest.mark.skipif(not int8_conv_available(), reason="this PyTorch has no oneDNN int8 convolution")
@@ -69,3 +83,29 @@ def test_integer_convolutions_end_to_end_agree_with_float(tmp_path):
         accuracy[setting] = pd.read_csv(out / "accuracy.csv").accuracy
     # the same network: the two arithmetics may flip a spike at a threshold, not the picture
     assert (accuracy["true"] - accuracy["false"]).abs().max() <= 2 / 64
+
+
+def test_in_a_terminal_log_lines_print_above_the_progress_bar_never_onto_it(tmp_path):
+    """The real CLI on a pseudo-terminal: each epoch's log line has a line of its own, with no bar in it."""
+    import pty
+    import re
+
+    leader, follower = pty.openpty()
+    run = subprocess.Popen([sys.executable, "-m", "snnbench", "run", "sim.T=4", "train.epochs=3", "sim.num_samples=60",
+                            f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"], cwd=ROOT,
+                           stdin=follower, stdout=follower, stderr=follower,
+                           env={**os.environ, "TERM": "xterm", "COLUMNS": "160"})
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert run.wait(timeout=600) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode(errors="replace"))
+    lines = [line for line in re.split(r"[\r\n]", text) if "epoch" in line and "test accuracy" in line]
+    assert len(lines) >= 3 and not [line for line in lines if "━" in line or "training" in line], lines

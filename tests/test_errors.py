@@ -286,8 +286,9 @@ def test_run_folder_that_cannot_be_written_is_named(tmp_path):
     done = subprocess.run([sys.executable, "-m", "snnbench", "run", "sim.T=2", f"cache_dir={tmp_path / 'cache'}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
-    assert re.fullmatch(r"error: cannot write outputs/runs/\d{4}-\d\d-\d\d \(Not a directory\): choose a folder that can "
-                        r"be written \(hydra\.run\.dir, hydra\.sweep\.dir, or run from another folder\)\n", done.stderr)
+    assert re.fullmatch(r"error: cannot write outputs/runs/\d{4}-\d\d-\d\d \(Not a directory\): choose a folder "
+                        r"that can be written \(hydra\.run\.dir, hydra\.sweep\.dir, or run from another folder\)\n",
+                        done.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file", "outputs"]
 
 
@@ -302,3 +303,33 @@ def test_cache_folder_that_cannot_be_written_is_named(tmp_path):
     assert entry.startswith(f"{blocker}/cache/ann/digits_mlp_") and entry.endswith(
         ".pt (Not a directory): set cache_dir=<a folder that can be written> (or env SNNBENCH_CACHE)")
     assert json.loads((tmp_path / "run" / "error.json").read_text())["error"] == f"cannot write the cache entry {entry}"
+
+
+def test_simulation_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path):
+    done = snnbench_run(tmp_path, "sim.T=10000000000", "train.epochs=1", "sim.num_samples=20")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert re.search(r"\nerror: simulating sim\.T=10000000000 needs about [\d.]+ GB of host memory \([\d.]+ GB of "
+                     r"per-step counters for 2 spiking layers, [\d.]+ GB for accuracy\.csv, [\d.]+ GB of "
+                     r"activations\), but [\d.]+ GB are free: lower sim\.T\n$", done.stderr)
+    assert not [name for name in ("accuracy.csv", "layers.csv", "summary.json") if (tmp_path / "run" / name).exists()]
+    assert json.loads((tmp_path / "run" / "error.json").read_text())["type"] == "UserError"
+
+
+def test_memory_estimate_counts_every_step_of_every_spiking_layer(tmp_path, monkeypatch, caplog):
+    """sim.T=100000000 on digits: 2 spiking layers x 4 float64 counters, the correct counts and accuracy.csv's row,
+    per step, against a machine with 4 GiB free."""
+    from snnbench import memory
+
+    caplog.set_level("INFO", logger="snnbench")
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 4 * 2**30}))
+    cfg = compose_cfg(tmp_path, "sim.T=100000000", "train.epochs=1", "sim.num_samples=20")
+    with pytest.raises(UserError) as raised:
+        pipeline.run(cfg, tmp_path / "run")
+    counters, table = 10**8 * (4 * 8 * 2 + 8) / 2**30, 10**8 * memory.TABLE_BYTES_PER_STEP / 2**30
+    assert re.fullmatch(rf"simulating sim\.T=100000000 needs about [\d.]+ GB of host memory \({counters:.1f} GB of "
+                        rf"per-step counters for 2 spiking layers, {table:.1f} GB for accuracy\.csv, 0\.0 GB of "
+                        r"activations\), but 4\.0 GB are free: lower sim\.T", str(raised.value))
+    assert "simulating baseline" not in caplog.text  # refused before the simulation began
+    caplog.clear()
+    pipeline.run(compose_cfg(tmp_path, "sim.T=4", "train.epochs=1", "sim.num_samples=20"), tmp_path / "small")
+    assert re.search(r"simulation memory: about 0\.0 GB host \(.*\); 4\.0 GB host free", caplog.text)

@@ -143,3 +143,13 @@ def test_bad_input_is_one_line(tmp_path):
     assert done.exit_code == 2
     assert "error: --format takes png, pdf, svg (comma-separated, e.g. png,pdf), got 'png,jpg'" in done.output
     assert not (tmp_path / "sweep" / "report.csv").exists()  # refused before anything was written
+
+
+def test_report_into_a_folder_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder\n")
+    done = CliRunner().invoke(app, ["report", str(sweep(tmp_path / "sweep")), "--out", str(blocker / "report")])
+    assert done.exit_code == 2 and "Traceback" not in done.output
+    assert done.output.endswith(f"error: cannot write {blocker / 'report' / 'failed.csv'} (Not a directory): make "
+                                f"{blocker / 'report'} writable, or choose another folder (hydra.run.dir, cache_dir, "
+                                "report --out)\n")
