@@ -38,7 +38,15 @@ from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
 from snnbench.pipeline import prepare, resolve_device
 from snnbench.report import console, write_csv
-from snnbench.simulate import engine_settings, int8_min_depth, memory_format, placed, reuse_freed_memory, simulate
+from snnbench.simulate import (
+    blocks_at_once,
+    engine_settings,
+    int8_min_depth,
+    memory_format,
+    placed,
+    reuse_freed_memory,
+    simulate,
+)
 
 log = logging.getLogger("snnbench")
 
@@ -198,7 +206,8 @@ def show_bench(frame: pd.DataFrame, results: dict, cfg, setting: str, num_images
     for row in frame.itertuples():
         result = results[row.engine]
         speedup = row.image_steps_per_s / peer if peer and not pd.isna(peer) else None
-        note = result.get("status") or result.get("mode", "")
+        # a status in short (its first words; in full below the table)
+        note = result["status"].split(":")[0] if "status" in result else result.get("mode", "")
         table.add_row(row.engine, number(row.image_steps_per_s, ",.0f"), number(row.ratio_to_floor, ".2f"),
                       number(speedup, ".2f"), number(row.peak_mem_mb, ",.0f"),
                       number(None if pd.isna(row.accuracy) else 100 * row.accuracy, ".2f"),
@@ -299,7 +308,8 @@ def _snnbench(work: Workload, engine: str) -> dict:
                           layout=work.layout, sub_batch=work.sub_batch, engine=engine,
                           integer_min_depth=work.integer_min_depth)
         return result.correct.tolist()
-    return {f"{work.sub_batch} x {chunk}": run}
+    blocks = blocks_at_once(work.device)
+    return {f"{work.sub_batch} x {chunk}" + (f", {blocks} at once" if blocks > 1 else ""): run}
 
 
 def _ann_floor(work: Workload) -> dict:

@@ -279,7 +279,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
         "num_test_images": result.num_images, "shard": cfg.sim.shard, "num_shards": cfg.sim.num_shards,
         "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
-        "engine": engine.engine, "sub_batch": engine.sub_batch, "chunk": engine.chunk,
+        "engine": engine.engine, "sub_batch": engine.sub_batch, "chunk": engine.chunk, "blocks_at_once": engine.blocks,
         "channels_last": engine.layout == torch.channels_last, "integer_conv_min_depth": engine.integer_min_depth,
         "macs_per_image": macs_per_image,
         "events_per_image": float(accuracy.events_per_image.iloc[-1]),

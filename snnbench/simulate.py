@@ -311,23 +311,23 @@ class EngineSettings(NamedTuple):
     engine: str                      # the backend (snnbench.engines)
     sub_batch: int                   # images per block
     chunk: int                       # steps per chunk
+    blocks: int                      # blocks simulated at once (blocks_at_once)
     layout: torch.memory_format
     integer_min_depth: int | None    # the int8 engine's integer layers (None: another engine)
 
     def describe(self) -> str:
         integer = "" if self.integer_min_depth is None else f", integer layers of depth >= {self.integer_min_depth}"
-        return (f"{self.engine} engine, {self.sub_batch} images x {self.chunk} steps at a time, "
-                f"{LAYOUT_NAMES[self.layout]}{integer}")
+        return (f"{self.engine} engine, {self.sub_batch} images x {self.chunk} steps at a time, {self.blocks} "
+                f"block{'s' if self.blocks > 1 else ''} at once, {LAYOUT_NAMES[self.layout]}{integer}")
 
 
 def engine_settings(sim, model: nn.Module, image: torch.Tensor, device) -> EngineSettings:
     """The `sim` config's engine knobs resolved for `model` (one `image` of its input) on `device`."""
     engine, min_depth = choose_engine(sim.engine, sim.integer_conv, device)
-    sub_batch = choose_sub_batch(sim.sub_batch, sim.batch_size, device)
-    images = sub_batch * blocks_at_once(device)  # simulated at once
-    chunk = 1 if engine == "reference" else choose_chunk(sim.chunk, sim.T, images, activation_elements(model, image),
-                                                         sim.max_memory_mb, device)
-    return EngineSettings(engine, sub_batch, chunk, memory_format(sim.channels_last, device), min_depth)
+    sub_batch, blocks = choose_sub_batch(sim.sub_batch, sim.batch_size, device), blocks_at_once(device)
+    chunk = 1 if engine == "reference" else choose_chunk(sim.chunk, sim.T, sub_batch * blocks,
+                                                         activation_elements(model, image), sim.max_memory_mb, device)
+    return EngineSettings(engine, sub_batch, chunk, blocks, memory_format(sim.channels_last, device), min_depth)
 
 
 def choose_engine(setting, integer_conv, device) -> tuple[str, int | None]:
