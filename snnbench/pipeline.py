@@ -215,10 +215,10 @@ def prepare(cfg: DictConfig, device: str) -> Prepared:
 
 
 def convert_stage(cfg, ann, calibration, ann_sha, images) -> methods.Conversion:
-    """Stage 3: the method's conversion, cached per (ANN, calibration, method knobs, T), so that the shards of
-    one evaluation and reruns share TTRBR's tuning."""
-    key = config_hash(ann_sha, _container(cfg.calibrate), _container(cfg.convert), _container(cfg.method),
-                      cfg.sim.T, cfg.seed)
+    """Stage 3: the method's conversion, cached per (ANN, calibration data and setting, method knobs, T), so that
+    the shards of one evaluation and reruns share TTRBR's tuning."""
+    key = config_hash(ann_sha, identity(cfg.dataset), _container(cfg.calibrate), _container(cfg.convert),
+                      _container(cfg.method), cfg.sim.T, cfg.seed)
     path = Path(cfg.cache_dir) / "conversion" / f"{cfg.method.name}_{key}.pt"
 
     def build():
