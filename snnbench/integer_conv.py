@@ -186,12 +186,14 @@ class SpikeSource(NamedTuple):
 
 def spike_fed_layers(graph: SpikingGraph) -> dict[str, SpikeSource]:
     """The convs and linear layers whose input is the output of an IF neuron, directly or through average pooling
-    (and identities, a flatten before a linear layer), by name. Only those whose integer levels fit in 8 bits."""
+    (and identities, a flatten before a linear layer), by name. Only those whose integer levels fit in 8 bits, from
+    neurons with one threshold per layer or per channel (the quantum folded into the weights: per-neuron
+    thresholds, method=snm, would need one per input position)."""
     found = {}
     for node in graph.nodes:
         layer = graph.module(node)
         if _integer_capable(layer) and (source := _spike_source(node, graph, layer)):
-            if _levels_fit(source.neuron, source.pooling_area):
+            if _levels_fit(source.neuron, source.pooling_area) and source.neuron.threshold.dim() <= 1:
                 found[node.target] = source
     return found
 

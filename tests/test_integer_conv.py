@@ -285,3 +285,10 @@ def test_every_neuron_is_counted_wherever_the_engines_graph_holds_it():
     assert set(integer.events) == set(reference.events) == {"neuron", "last"}
     assert reference.events["neuron"].sum() > 0
     assert torch.equal(integer.events["neuron"], reference.events["neuron"])
+
+
+def test_layers_fed_by_neurons_with_a_threshold_per_neuron_stay_in_float():
+    snn = converted(vgg_like())
+    snn.get_submodule("features.2").threshold = torch.full((8, 8, 8), 0.5)  # one per neuron, as method=snm sets
+    found = spike_fed_layers(SpikingGraph(snn))
+    assert "features.4" not in found and "features.7" in found
