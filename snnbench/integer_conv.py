@@ -31,10 +31,10 @@ LIMBS = 3
 LIMB_RATIO = 254  # each limb's scale over the next: the residual of one limb (<= half a step) fits in int8
 
 
-def cpu_has_int8_instructions() -> bool:
-    """Whether the CPU multiplies int8 in hardware for oneDNN: AMX tiles or AVX-512 VNNI, where the integer layers
-    were measured faster than float32 (an Intel Xeon with AMX, an AMD EPYC with VNNI)."""
-    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_amx_tile_supported", "_is_vnni_supported"))
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles, where the integer layers were measured faster than float32 (with AVX-512
+    VNNI alone, an AMD EPYC, they were not: docs/performance.md)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 @functools.cache

@@ -20,7 +20,7 @@ from torch import nn
 from snnbench import engines
 from snnbench.convert import device_of
 from snnbench.errors import UserError
-from snnbench.integer_conv import cpu_has_int8_instructions
+from snnbench.integer_conv import cpu_has_amx
 from snnbench.neurons import IFNeuron, SpikingGraph
 
 # Defaults for sim.sub_batch=auto (images simulated at once), sim.chunk=auto (time steps folded into one batch)
@@ -334,11 +334,11 @@ def choose_engine(setting, integer_conv, device) -> tuple[str, int | None]:
     """sim.engine and sim.integer_conv on `device` as the backend to simulate with and, for int8, the smallest
     depth of its integer layers (None for the other backends). auto is the fastest measured for the device: on a
     GPU the fused Triton kernel (torch where Triton cannot run); on a CPU int8 where sim.integer_conv is true, or
-    auto on a CPU that multiplies int8 in hardware (AMX, AVX-512 VNNI: where it was measured faster), else torch."""
+    auto on a CPU with AMX (where it was measured faster), else torch."""
     if setting != "auto" and setting not in engines.names():
         raise UserError(f"sim.engine must be auto or one of {', '.join(engines.names())}, got {setting!r}")
     if setting == "auto" and torch.device(device).type == "cpu":
-        measured = integer_conv is True or (integer_conv == "auto" and cpu_has_int8_instructions())
+        measured = integer_conv is True or (integer_conv == "auto" and cpu_has_amx())
         setting = "int8" if measured and engines.get("int8").unavailable(device) is None else "torch"
     elif setting == "auto":
         setting = "triton" if engines.get("triton").unavailable(device) is None else "torch"
