@@ -26,11 +26,11 @@ from snnbench.neurons import IFNeuron
 
 RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu_: "F.relu_"}
 RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
-DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 DROPOUT_AS_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
                       F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
                       F.feature_alpha_dropout: nn.FeatureAlphaDropout}
+DROPOUT_FUNCTIONS = set(DROPOUT_AS_MODULES)
+DROPOUT_MODULES = tuple(DROPOUT_AS_MODULES.values())
 MAX_POOLS = {nn.MaxPool2d: "nn.MaxPool2d", nn.AdaptiveMaxPool2d: "nn.AdaptiveMaxPool2d"}
 MAX_POOL_FUNCTIONS = {F.max_pool2d: "F.max_pool2d", F.adaptive_max_pool2d: "F.adaptive_max_pool2d"}
 # the linear maps a spiking network computes as they are, once per chunk of time steps
