@@ -1,3 +1,3 @@
-from snnbench.cli import main
+from snnbench.app.cli import main
 
 main()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from snnbench.cli import CONF_DIR
+from snnbench.app.cli import CONF_DIR
 
 
 def write_idx(path, array: np.ndarray, compress=False):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from test_cli import snnbench  # tests/ is on sys.path (pytest rootdir-relative imports)
 
-from snnbench.bench import COLUMNS, ENGINES, Unsupported, Workload, _spikingjelly, run_bench
+from snnbench.app.bench import COLUMNS, ENGINES, Unsupported, Workload, _spikingjelly, run_bench
 from snnbench.errors import UserError
-from snnbench.integer_conv import int8_conv_available
 from snnbench.models.resnet import ResNet
+from snnbench.simulation.integer_conv import int8_conv_available
 
 
 def test_bench_writes_one_row_per_engine(tmp_path):

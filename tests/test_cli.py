@@ -6,8 +6,8 @@ import sys
 import pandas as pd
 import pytest
 
-from snnbench.cli import CONF_DIR
-from snnbench.integer_conv import int8_conv_available
+from snnbench.app.cli import CONF_DIR
+from snnbench.simulation.integer_conv import int8_conv_available
 
 ROOT = CONF_DIR.parent
 

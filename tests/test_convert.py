@@ -9,13 +9,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from user_models import GatedProduct, Mixed, WithGelu
 
-from snnbench.calibrate import calibrate, record_activations
-from snnbench.convert import canonicalize, fan_out, spiking_layer_names, trace
+from snnbench.app.models import build_model
+from snnbench.conversion.methods import spiking_copy
+from snnbench.core.analysis import fan_out
+from snnbench.core.calibrate import calibrate, record_activations
+from snnbench.core.graph import canonicalize, spiking_layer_names, trace
+from snnbench.core.neurons import IFNeuron
 from snnbench.errors import UserError
-from snnbench.methods import spiking_copy
-from snnbench.models import build_model, load_checkpoint
-from snnbench.neurons import IFNeuron
-from snnbench.simulate import simulate
+from snnbench.io.checkpoints import load_checkpoint
+from snnbench.simulation.simulate import simulate
 
 DATA = OmegaConf.create({"channels": 3, "image_size": 16, "num_classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3})
 RELU_CALLS = {"resnet18": 17, "vgg16_bn": 15, "mixed": 10}
@@ -205,8 +207,8 @@ def test_a_target_that_cannot_be_built_is_named():
 
 
 def test_average_pooling_replaces_max_pooling_before_training_and_changes_the_cache_key():
-    from snnbench.convert import with_average_pooling
-    from snnbench.pipeline import architecture
+    from snnbench.app.pipeline import architecture
+    from snnbench.core.graph import with_average_pooling
 
     model = torchvision.models.resnet18(num_classes=10).eval()
     averaged = with_average_pooling(model)

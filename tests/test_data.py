@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from snnbench import data
-from snnbench.data import build_splits, seeded_subset
+from snnbench.app.models import build_model
 from snnbench.errors import UserError
-from snnbench.models import build_model
+from snnbench.io import data
+from snnbench.io.data import build_splits, seeded_subset
 
 
 def test_digits_split_is_fixed_and_stratified(cfg):
@@ -49,7 +49,7 @@ def test_missing_files_say_where_and_how(cfg, tmp_path):
 
 
 def test_train_num_samples_trains_on_a_seeded_subset_and_keys_the_cache(cfg, monkeypatch):
-    from snnbench import pipeline
+    from snnbench.app import pipeline
 
     seen = []
 
@@ -73,7 +73,7 @@ def test_train_num_samples_trains_on_a_seeded_subset_and_keys_the_cache(cfg, mon
 
 
 def test_sim_split_train_evaluates_training_images(cfg, tmp_path):
-    from snnbench import pipeline
+    from snnbench.app import pipeline
 
     cfg.train.epochs, cfg.sim.T, cfg.sim.split = 1, 2, "train"
     summary = pipeline.run(cfg, tmp_path)
@@ -90,7 +90,7 @@ def test_held_out_training_images_are_the_ones_the_calibration_does_not_draw():
 
 
 def test_sim_split_train_never_scores_a_calibration_image(cfg):
-    from snnbench import pipeline
+    from snnbench.app import pipeline
 
     cfg.sim.split = "train"
     splits = build_splits(cfg.dataset)
@@ -101,7 +101,7 @@ def test_sim_split_train_never_scores_a_calibration_image(cfg):
 
 
 def test_sim_split_train_refuses_when_the_calibration_uses_every_training_image(cfg, tmp_path):
-    from snnbench import pipeline
+    from snnbench.app import pipeline
 
     cfg.sim.split, cfg.calibrate.num_batches = "train", 100
     with pytest.raises(UserError, match="lower calibrate.num_batches"):
@@ -130,7 +130,7 @@ def image_folder_cfg(cfg, root, num_classes=3):
 
 
 def test_two_image_folders_never_share_a_cached_ann_or_calibration(cfg, tmp_path, caplog):
-    from snnbench import pipeline
+    from snnbench.app import pipeline
 
     caplog.set_level(logging.INFO, logger="snnbench")
     cfg.train.epochs, cfg.sim.T, cfg.calibrate.batch_size, cfg.calibrate.num_batches = 1, 2, 4, 1
@@ -167,7 +167,7 @@ def test_data_identity_follows_the_files(cfg, tmp_path, idx_root):
 
 
 def test_image_that_is_not_an_image_is_named(cfg, tmp_path):
-    from snnbench.cli import describe
+    from snnbench.app.cli import describe
 
     root = write_image_folder(tmp_path / "images")
     bad = root / "train" / "b" / "2.png"

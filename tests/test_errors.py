@@ -13,12 +13,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from snnbench import pipeline
-from snnbench.cli import CONF_DIR
-from snnbench.data import build_splits, loader
+from snnbench.app import pipeline
+from snnbench.app.cli import CONF_DIR
+from snnbench.app.models import build_model
+from snnbench.app.train import train
 from snnbench.errors import UserError
-from snnbench.models import build_model, load_checkpoint
-from snnbench.train import train
+from snnbench.io.checkpoints import load_checkpoint
+from snnbench.io.data import build_splits, loader
 
 
 def compose_cfg(tmp_path, *overrides):
@@ -245,7 +246,7 @@ def test_bad_values_are_refused_before_torch_is_imported(tmp_path):
     code = ("import atexit, sys\n"
             "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else 'torch not imported', "
             "file=sys.stderr))\n"
-            "from snnbench.cli import main\n"
+            "from snnbench.app.cli import main\n"
             "main()\n")
     for overrides, message in (["sim.T=0"], "sim.T must be a positive integer, got 0: set e.g. sim.T=32"), \
             (["+foo=bar"], CLI_CASES["added key"][1]):
@@ -318,7 +319,7 @@ def test_simulation_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_pa
 def test_memory_estimate_counts_every_step_of_every_spiking_layer(tmp_path, monkeypatch, caplog):
     """sim.T=100000000 on digits: 2 spiking layers x 4 float64 counters, the correct counts and accuracy.csv's row,
     per step, against a machine with 4 GiB free."""
-    from snnbench import memory
+    from snnbench.simulation import memory
 
     caplog.set_level("INFO", logger="snnbench")
     monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 4 * 2**30}))

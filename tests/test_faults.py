@@ -10,11 +10,12 @@ import shutil
 import pytest
 from test_errors import compose_cfg, snnbench_run
 
-from snnbench import pipeline
-from snnbench.data import build_splits, loader
-from snnbench.models import build_model
-from snnbench.report import atomic_write_bytes
-from snnbench.train import cached, train
+from snnbench.app import pipeline
+from snnbench.app.models import build_model
+from snnbench.app.train import train
+from snnbench.io.cache import cached
+from snnbench.io.data import build_splits, loader
+from snnbench.io.files import atomic_write_bytes
 
 RUN = ("train.epochs=2", "sim.T=8", "sim.num_samples=40", "sim.batch_size=8")
 RESULTS = ("accuracy.csv", "layers.csv", "summary.json")
@@ -24,8 +25,8 @@ RESULTS = ("accuracy.csv", "layers.csv", "summary.json")
 SIGTERM_DURING = {
     "simulation": """
 import os, signal
-from snnbench import pipeline
-from snnbench.cli import main
+from snnbench.app import pipeline
+from snnbench.app.cli import main
 
 simulate = pipeline.simulate
 
@@ -40,8 +41,8 @@ main()
 """,
     "training": """
 import os, signal
-from snnbench import train
-from snnbench.cli import main
+from snnbench.app import train
+from snnbench.app.cli import main
 
 save_progress = train._save_progress
 

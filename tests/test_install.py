@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from snnbench.cli import CONF_DIR
+from snnbench.app.cli import CONF_DIR
 
 ROOT = CONF_DIR.parent
 
@@ -33,6 +33,6 @@ def test_install_of_a_clean_clone_runs_from_any_folder(tmp_path):
     (run,) = (elsewhere / "outputs" / "runs").glob("*/*_digits_baseline")
     assert done.stderr.endswith(f"results in {run}\n")
     assert {".hydra", "accuracy.csv", "layers.csv", "summary.json"} <= {p.name for p in run.iterdir()}
-    conf = subprocess.run([venv / "bin" / "python", "-c", "from snnbench.cli import CONF_DIR; print(CONF_DIR)"],
+    conf = subprocess.run([venv / "bin" / "python", "-c", "from snnbench.app.cli import CONF_DIR; print(CONF_DIR)"],
                           cwd=elsewhere, capture_output=True, text=True, check=True).stdout.strip()
     assert conf.startswith(str(venv)) and conf.endswith("site-packages/snnbench/conf")

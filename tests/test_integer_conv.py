@@ -3,8 +3,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snnbench.convert import canonicalize
-from snnbench.integer_conv import (
+from snnbench.conversion.methods import spiking_copy
+from snnbench.conversion.restructure import restructure
+from snnbench.core.graph import canonicalize
+from snnbench.core.neurons import IFNeuron, SpikingGraph
+from snnbench.models.convnet import ConvNet
+from snnbench.models.resnet import ResNet
+from snnbench.simulation.backend import spiking_layers
+from snnbench.simulation.integer_conv import (
     IntegerLayer,
     MapOrRows,
     coefficient_emitters,
@@ -13,12 +19,7 @@ from snnbench.integer_conv import (
     skippable_flattens,
     spike_fed_layers,
 )
-from snnbench.methods import spiking_copy
-from snnbench.models.convnet import ConvNet
-from snnbench.models.resnet import ResNet
-from snnbench.neurons import IFNeuron, SpikingGraph
-from snnbench.restructure import restructure
-from snnbench.simulate import simulate, spiking_layers
+from snnbench.simulation.simulate import simulate
 
 needs_int8 = pytest.mark.skipif(not int8_conv_available(), reason="this PyTorch has no oneDNN int8 convolution")
 

@@ -7,15 +7,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from snnbench import methods
-from snnbench.calibrate import balance, calibrate, neuron_maxima, record_activations
-from snnbench.cli import CONF_DIR
-from snnbench.convert import canonicalize
-from snnbench.corrections import cancel_mean_error, correct_initial_potential, rate_of
+from snnbench.app.cli import CONF_DIR
+from snnbench.conversion import methods
+from snnbench.conversion.corrections import cancel_mean_error, correct_initial_potential, rate_of
+from snnbench.conversion.methods import calibration
+from snnbench.core.calibrate import balance, calibrate, neuron_maxima, record_activations
+from snnbench.core.graph import canonicalize
+from snnbench.core.neurons import IFNeuron
 from snnbench.errors import UserError
-from snnbench.methods import calibration
-from snnbench.neurons import IFNeuron
-from snnbench.simulate import simulate, spiking_layers
+from snnbench.simulation.backend import spiking_layers
+from snnbench.simulation.simulate import simulate
 
 
 def config(*overrides):

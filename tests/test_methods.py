@@ -5,12 +5,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from snnbench import methods, pipeline
-from snnbench.calibrate import calibrate
-from snnbench.cli import CONF_DIR
+from snnbench.app import pipeline
+from snnbench.app.cli import CONF_DIR
+from snnbench.conversion import methods
+from snnbench.core.calibrate import calibrate
+from snnbench.core.neurons import IFNeuron
 from snnbench.errors import UserError
-from snnbench.neurons import IFNeuron
-from snnbench.simulate import spiking_layers
+from snnbench.simulation.backend import spiking_layers
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from snnbench.neurons import IFNeuron
+from snnbench.core.neurons import IFNeuron
 
 
 def run(neuron: IFNeuron, currents: torch.Tensor) -> torch.Tensor:

@@ -8,16 +8,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from snnbench import methods, pipeline
-from snnbench.calibrate import calibrate
-from snnbench.cli import CONF_DIR
-from snnbench.convert import canonicalize, spiking_layer_names
-from snnbench.data import build_splits
+from snnbench.app import pipeline
+from snnbench.app.cli import CONF_DIR
+from snnbench.app.models import build_model
+from snnbench.app.train import with_activation
+from snnbench.conversion import methods
+from snnbench.core.calibrate import calibrate
+from snnbench.core.graph import canonicalize, spiking_layer_names
 from snnbench.errors import UserError
-from snnbench.models import build_model
+from snnbench.io.data import build_splits
 from snnbench.models.qcfs import QCFS
-from snnbench.simulate import simulate, spiking_layers
-from snnbench.train import with_activation
+from snnbench.simulation.backend import spiking_layers
+from snnbench.simulation.simulate import simulate
 
 
 def config(*overrides):

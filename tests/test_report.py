@@ -7,8 +7,10 @@ import pandas as pd
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from snnbench.cli import app
-from snnbench.report import collect, find_runs, pivot_accuracy, run_status, write_csv, write_json
+from snnbench.app.cli import app
+from snnbench.app.report import collect, pivot_accuracy
+from snnbench.app.runs import find_runs, run_status
+from snnbench.io.files import write_csv, write_json
 
 REPORT_FILES = ("report.csv", "accuracy_vs_t.csv", "accuracy_vs_t.png", "accuracy_vs_sops.png",
                 "firing_rates.png", "failed.csv")

@@ -10,8 +10,8 @@ import sys
 import pandas as pd
 from omegaconf import OmegaConf
 
-from snnbench.cli import CONF_DIR, new_folder
-from snnbench.train import sha256_of
+from snnbench.app.cli import CONF_DIR, new_folder
+from snnbench.io.cache import sha256_of
 
 RUN = ("sim.T=2", "train.epochs=1", "sim.num_samples=20")
 

@@ -14,12 +14,12 @@ import torch
 from test_cli import snnbench  # tests/ is on sys.path (pytest rootdir-relative imports)
 from typer.testing import CliRunner
 
-from snnbench import devices, pipeline
-from snnbench.cli import app
-from snnbench.data import build_splits
+from snnbench.app import devices, pipeline
+from snnbench.app.cli import app
+from snnbench.app.shards import shard_of
 from snnbench.errors import UserError
-from snnbench.report import write_json
-from snnbench.shards import shard_of
+from snnbench.io.data import build_splits
+from snnbench.io.files import write_json
 
 RUN = ("sim.T=6", "sim.num_samples=150", "train.epochs=2")
 

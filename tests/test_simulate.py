@@ -3,18 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from snnbench import engines
+from snnbench.core.neurons import IFNeuron
 from snnbench.errors import UserError
-from snnbench.integer_conv import int8_conv_available
-from snnbench.neurons import IFNeuron
-from snnbench.simulate import (
-    Settings,
-    choose_chunk,
-    choose_engine,
-    choose_sub_batch,
-    memory_budget_mb,
-    simulate,
-)
+from snnbench.simulation import engines
+from snnbench.simulation.backend import Settings
+from snnbench.simulation.integer_conv import int8_conv_available
+from snnbench.simulation.simulate import choose_chunk, choose_engine, choose_sub_batch, memory_budget_mb, simulate
 
 
 def simulate_step_by_step(model, batches, T, **settings):

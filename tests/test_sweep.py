@@ -10,9 +10,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from test_cli import snnbench  # tests/ is on sys.path (pytest rootdir-relative imports)
 
-from snnbench.cli import CONF_DIR, options
-from snnbench.pipeline import validate
-from snnbench.train import cached
+from snnbench.app.cli import CONF_DIR, options
+from snnbench.app.pipeline import validate
+from snnbench.io.cache import cached
 
 
 def ask_for_entry(path, barrier, build_log):

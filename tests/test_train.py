@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from snnbench.data import build_splits, loader
-from snnbench.models import build_model
-from snnbench.train import train
+from snnbench.app.models import build_model
+from snnbench.app.train import train
+from snnbench.io.data import build_splits, loader
 
 
 @pytest.mark.parametrize("warmup_epochs", [None, 1])

@@ -9,15 +9,15 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from user_models import Mixed
 
-from snnbench.calibrate import calibrate, record_activations
-from snnbench.cli import CONF_DIR
-from snnbench.convert import canonicalize, spiking_layer_names, trace
+from snnbench.app.cli import CONF_DIR
+from snnbench.conversion.methods import spiking_copy, ttrbr
+from snnbench.conversion.restructure import KINDS, SplitReLU, restructure
+from snnbench.core.calibrate import calibrate, record_activations
+from snnbench.core.graph import canonicalize, spiking_layer_names, trace
+from snnbench.core.neurons import IFNeuron
 from snnbench.errors import UserError
-from snnbench.methods import spiking_copy, ttrbr
 from snnbench.models.resnet import ResNet
-from snnbench.neurons import IFNeuron
-from snnbench.restructure import KINDS, SplitReLU, restructure
-from snnbench.simulate import simulate
+from snnbench.simulation.simulate import simulate
 
 
 def tiny_resnet():

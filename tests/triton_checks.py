@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from snnbench import engines
-from snnbench.neurons import IFNeuron
-from snnbench.simulate import Settings, choose_engine
+from snnbench.core.neurons import IFNeuron
+from snnbench.simulation import engines
+from snnbench.simulation.backend import Settings
+from snnbench.simulation.simulate import choose_engine
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRETED or torch.cuda.is_available()):
     pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
-triton_neuron = pytest.importorskip("snnbench.triton_neuron")
+triton_neuron = pytest.importorskip("snnbench.simulation.triton_neuron")
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
 

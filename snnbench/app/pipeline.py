@@ -1,0 +1,301 @@
+"""The five stages as plain functions, wired in order: train -> calibrate -> convert -> simulate -> report.
+Training and calibration results are cached (sha256 + config key), so sweeps over methods or T share them
+and an interrupted run resumes from the last completed stage."""
+
+import io
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from snnbench.app.console import show_run
+from snnbench.app.devices import resolve_device
+from snnbench.app.models import build_model
+from snnbench.app.shards import check_shard, counts_of, per_image, shard_of
+from snnbench.app.train import evaluate, init_checkpoint_sha256, progress_bar, start_of_training, train, with_activation
+from snnbench.app.validate import check_values
+from snnbench.conversion import methods
+from snnbench.core.analysis import count_macs
+from snnbench.core.calibrate import Calibration, calibrate
+from snnbench.core.graph import canonicalize, device_of, trace, with_average_pooling
+from snnbench.errors import UserError
+from snnbench.io.cache import cached, config_hash, sha256_of
+from snnbench.io.checkpoints import load_checkpoint
+from snnbench.io.data import DataSplits, build_splits, identity, loader, seeded_subset
+from snnbench.io.files import write_csv, write_json
+from snnbench.simulation.backend import reuse_freed_memory
+from snnbench.simulation.memory import check_simulation_memory
+from snnbench.simulation.simulate import engine_settings, simulate
+
+log = logging.getLogger("snnbench")
+
+
+def validate(cfg: DictConfig):
+    """Reject impossible values before any work starts, naming the key and the fix."""
+    check_values(cfg)
+    check_shard(cfg.sim.shard, cfg.sim.num_shards)
+    if OmegaConf.is_missing(cfg.model, "_target_"):
+        raise UserError("model=custom needs the class or factory to build: add model._target_=<module>.<Class> "
+                        "(importable from the working directory or PYTHONPATH; docs/models.md)")
+    methods.get(cfg.method.name).validate(cfg.method)
+
+
+def _container(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _state_bytes(model) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def prepare_ann(cfg, model, splits, device):
+    """Stage 1: load `train.checkpoint` into `model`, or train it (once per recipe, cached). Returns (model, path,
+    sha256)."""
+    if cfg.train.checkpoint:
+        path = Path(cfg.train.checkpoint)
+        log.info("loading ANN weights from %s (training skipped)", path)
+        return load_checkpoint(with_activation(model, cfg.train), path).eval(), str(path), sha256_of(path)
+    dataset = identity(cfg.dataset)  # the data trained on, as well as the dataset's settings
+    # unset options (None) stay out of the key, so a knob added later keeps existing cache entries valid
+    train_cfg = {k: v for k, v in _container(cfg.train).items()
+                 if k not in ("checkpoint", "num_workers") and v is not None}
+    if "init_checkpoint" in train_cfg:  # what a fine-tune starts from, by its content
+        train_cfg["init_checkpoint"] = init_checkpoint_sha256(train_cfg["init_checkpoint"])
+    key = config_hash(dataset, _container(cfg.model), architecture(model), train_cfg, cfg.seed)
+    path = Path(cfg.cache_dir) / "ann" / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
+    progress = path.with_suffix(".progress.pt")  # per-epoch state: an interrupted training resumes from it
+
+    def build():
+        log.info("training ANN %s on %s for %d epochs (cache entry %s)", cfg.model.name, cfg.dataset.name,
+                 cfg.train.epochs, path.name)
+        torch.manual_seed(cfg.seed)
+        # reshuffled every epoch, unlike loader's `limit`, which fixes one order
+        train_set = seeded_subset(splits.train, cfg.train.num_samples, cfg.seed)
+        train_batches = loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+                               num_workers=cfg.train.num_workers)
+        test_batches = loader(splits.test, 256, num_workers=cfg.train.num_workers)
+        start = start_of_training(model, cfg.train, train_batches, device)
+        return train(start, train_batches, test_batches, cfg.train, device, progress)
+
+    def load(p):
+        return load_checkpoint(with_activation(build_ann(cfg), cfg.train), p)
+
+    ann, digest, was_cached = cached(path, key, build, _state_bytes, load)
+    progress.unlink(missing_ok=True)  # only now: the finished ANN is safely in the cache
+    if was_cached:
+        log.info("using cached ANN %s (trained once, shared by every run with this recipe)", path)
+    return ann.eval(), str(path), digest
+
+
+def architecture(model) -> str:
+    """What the model computes: its traced code, which calls what, and its modules with their settings and
+    parameter shapes (the repr), so that a changed class, or a max pooling become average pooling, changes the
+    cache key."""
+    return f"{trace(model).code}\n{model!r}"
+
+
+def calibration_images(cfg, splits):
+    batches = loader(splits.calibration, cfg.calibrate.batch_size, shuffle=True, seed=cfg.seed,
+                     limit=_num_calibration_images(cfg))
+    return [images for images, _ in batches]
+
+
+def _num_calibration_images(cfg) -> int:
+    return cfg.calibrate.batch_size * cfg.calibrate.num_batches
+
+
+def evaluated_images(cfg, splits):
+    """The images the SNN is scored on: the test split, or with split=train (to choose knobs without looking at
+    the test set) the training images, unaugmented, that `calibration_images` did not draw: the calibration and
+    the tuning never saw them, so a knob that fits those images cannot look better than it is. Of those, a seeded
+    random `sim.num_samples`, and of these the part `sim.shard` of `sim.num_shards`."""
+    if cfg.sim.split == "test":
+        scored = splits.test
+    else:
+        scored = seeded_subset(splits.calibration, None, cfg.seed, skip=_num_calibration_images(cfg))
+        if len(scored) == 0:
+            raise UserError(f"sim.split=train evaluates the training images the calibration does not use, and it "
+                            f"uses all {len(splits.calibration)}: lower calibrate.num_batches or calibrate.batch_size")
+    return shard_of(seeded_subset(scored, cfg.sim.num_samples, cfg.seed), cfg.sim.shard, cfg.sim.num_shards, cfg.seed)
+
+
+def calibrate_stage(cfg, ann, ann_sha, images, device) -> Calibration:
+    """Stage 2: percentile thresholds of every ReLU, cached per (ANN, calibration setting)."""
+    key = config_hash(ann_sha, identity(cfg.dataset), _container(cfg.calibrate), cfg.convert.maxpool, cfg.seed)
+    path = Path(cfg.cache_dir) / "calibration" / f"{key}.pt"
+
+    def build():
+        log.info("calibrating %d images (percentile %s, %s)", sum(len(i) for i in images),
+                 cfg.calibrate.percentile, "per channel" if cfg.calibrate.per_channel else "per layer")
+        return calibrate(ann, images, cfg.calibrate.percentile, cfg.calibrate.per_channel, device, cfg.seed,
+                         cfg.calibrate.rule)
+
+    def save(calibration):
+        buffer = io.BytesIO()
+        torch.save(vars(calibration), buffer)
+        return buffer.getvalue()
+
+    def load(p):
+        return Calibration(**torch.load(p, map_location="cpu", weights_only=True))
+
+    calibration, _, was_cached = cached(path, key, build, save, load)
+    if was_cached:
+        log.info("using cached calibration %s", path.name)
+    return calibration
+
+
+def tabulate(cfg, counts, calibration, snn, diagnostics) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """accuracy.csv (one row per t, counts cumulative up to t) and layers.csv (one row per spiking layer) from the
+    run's counts (shards.counts_of), as a merge of shards computes them."""
+    columns, counted = per_image(counts, calibration.neurons, cfg.sim.T)
+    accuracy = pd.DataFrame({"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
+                             "t": range(1, cfg.sim.T + 1), **columns})
+    layers = pd.DataFrame([{"layer": name, "neurons": calibration.neurons[name],
+                            "threshold": snn.get_submodule(name).threshold.mean().item(),
+                            **counted[name], **diagnostics.get(name, {})} for name in counted])
+    return accuracy, layers
+
+
+@dataclass
+class Prepared:
+    """Everything before the simulation, the same for `run`, `bench` and `inspect`."""
+    splits: DataSplits
+    evaluated: Dataset              # the images the SNN is scored on (evaluated_images)
+    ann: nn.Module                  # the canonical ANN (canonicalize), on the run's device
+    checkpoint: str
+    checkpoint_sha: str
+    calibration_images: list        # training-split batches: the calibration's and the method's
+    calibration: Calibration        # of `ann`
+    conversion: methods.Conversion  # the method's result
+    times: dict[str, float]         # seconds of each stage
+
+
+def build_ann(cfg: DictConfig) -> nn.Module:
+    """cfg.model for cfg.dataset, as it is trained or loaded: with convert.maxpool=avg its max pooling is average
+    pooling already, so that the ANN snnbench trains and scores is the network it converts."""
+    model = build_model(cfg.model, cfg.dataset)
+    return with_average_pooling(model) if cfg.convert.maxpool == "avg" else model
+
+
+def prepare(cfg: DictConfig, device: str) -> Prepared:
+    """Check the config and the model (before any data is read or weights trained), then load the data, train or
+    load the ANN, calibrate it and convert it with cfg.method."""
+    validate(cfg)
+    model = build_ann(cfg)
+    canonicalize(with_activation(model, cfg.train), cfg.convert.maxpool)  # refused now rather than after training
+    times, clock = {}, time.perf_counter()
+    splits = build_splits(cfg.dataset, cfg.cache_dir)
+    evaluated = evaluated_images(cfg, splits)
+    trained, checkpoint, checkpoint_sha = prepare_ann(cfg, model, splits, device)
+    ann = canonicalize(trained.cpu(), cfg.convert.maxpool).module.to(device)  # the later stages run on the device
+    times["time_train_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    images = calibration_images(cfg, splits)
+    calibration = calibrate_stage(cfg, ann, checkpoint_sha, images, device)
+    times["time_calibrate_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    conversion = convert_stage(cfg, ann, calibration, checkpoint_sha, images)
+    times["time_convert_s"] = time.perf_counter() - clock
+    return Prepared(splits, evaluated, ann, checkpoint, checkpoint_sha, images, calibration, conversion, times)
+
+
+def convert_stage(cfg, ann, calibration, ann_sha, images) -> methods.Conversion:
+    """Stage 3: the method's conversion, cached per (ANN, calibration data and setting, method knobs, T), so that
+    the shards of one evaluation and reruns share TTRBR's tuning."""
+    key = config_hash(ann_sha, identity(cfg.dataset), _container(cfg.calibrate), _container(cfg.convert),
+                      _container(cfg.method), cfg.sim.T, cfg.seed)
+    path = Path(cfg.cache_dir) / "conversion" / f"{cfg.method.name}_{key}.pt"
+
+    def build():
+        log.info("converting with %s", cfg.method.name)
+        return methods.get(cfg.method.name).convert(ann, calibration, cfg, images)
+
+    def save(conversion):
+        buffer = io.BytesIO()
+        torch.save(conversion, buffer)
+        return buffer.getvalue()
+
+    def load(p):  # a file this cache wrote, whose sha256 was checked against its record
+        conversion = torch.load(p, map_location=device_of(ann), weights_only=False)
+        return replace(conversion, snn=conversion.snn.to(device_of(ann)))
+
+    conversion, _, was_cached = cached(path, key, build, save, load)
+    if was_cached:
+        log.info("using cached conversion %s", path.name)
+    return conversion
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    reuse_freed_memory()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    prepared = prepare(cfg, device)
+    ann, conversion, times = prepared.ann, prepared.conversion, prepared.times
+    eval_batches = loader(prepared.evaluated, cfg.sim.batch_size)
+    clock = time.perf_counter()
+    ann_accuracy = evaluate(ann, eval_batches, device)
+    times["time_evaluate_ann_s"] = time.perf_counter() - clock
+    log.info("ANN accuracy %.2f %% on %d %s images%s", 100 * ann_accuracy, len(eval_batches.dataset), cfg.sim.split,
+             f" (shard {cfg.sim.shard} of {cfg.sim.num_shards})" if cfg.sim.num_shards > 1 else "")
+    snn, calibration, fan = conversion.snn, conversion.calibration, conversion.fan_out
+    images = prepared.calibration_images
+    macs = count_macs(ann, images[0])
+    checkpoint, checkpoint_sha = prepared.checkpoint, prepared.checkpoint_sha
+
+    clock = time.perf_counter()
+    engine = engine_settings(cfg.sim, snn, images[0], device)
+    check_simulation_memory(snn, images[0], cfg.sim.T, engine.sub_batch, engine.chunk, device)
+    log.info("simulating %s for T=%d (%s coding, %s)", cfg.method.name, cfg.sim.T, cfg.sim.coding, engine.describe())
+    with progress_bar() as bar:
+        task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
+        result = simulate(snn, eval_batches, cfg.sim.T, engine.chunk, cfg.sim.coding, device, cfg.seed,
+                          progress=lambda k: bar.update(task, advance=k), layout=engine.layout,
+                          sub_batch=engine.sub_batch, engine=engine.engine,
+                          integer_min_depth=engine.integer_min_depth)
+    times["time_simulate_s"] = time.perf_counter() - clock
+
+    counts = counts_of(result, fan, ann_accuracy)  # what `report` merges shards from
+    accuracy, layers = tabulate(cfg, counts, calibration, snn, conversion.diagnostics)
+    macs_per_image = sum(macs.values())
+    first_layer_macs = next(iter(macs.values())) if cfg.sim.coding == "direct" else 0
+    sops = accuracy.sops_per_image.iloc[-1]
+    summary = {
+        "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
+        "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "num_test_images": result.num_images, "shard": cfg.sim.shard, "num_shards": cfg.sim.num_shards,
+        "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
+        "engine": engine.engine, "sub_batch": engine.sub_batch, "chunk": engine.chunk, "blocks_at_once": engine.blocks,
+        "channels_last": engine.layout == torch.channels_last, "integer_conv_min_depth": engine.integer_min_depth,
+        "macs_per_image": macs_per_image,
+        "events_per_image": float(accuracy.events_per_image.iloc[-1]),
+        "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
+        "sops_per_image": float(sops),
+        "energy_ann_uj": macs_per_image * cfg.energy.mac_pj * 1e-6,
+        # direct coding: the first layer multiplies the analog image once (its current is constant)
+        "energy_snn_uj": (sops * cfg.energy.ac_pj + first_layer_macs * cfg.energy.mac_pj) * 1e-6,
+        **{k: round(v, 3) for k, v in times.items()},
+        "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha,
+    }
+    # summary.json, written last, marks a complete run: no CSV may outlive a failed or interrupted write
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    try:
+        write_csv(run_dir / "accuracy.csv", accuracy)
+        write_csv(run_dir / "layers.csv", layers)
+        write_json(run_dir / "counts.json", counts)
+        write_json(run_dir / "summary.json", summary)
+    except BaseException:
+        for name in ("accuracy.csv", "layers.csv", "counts.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        raise
+    show_run(summary, accuracy)
+    return summary

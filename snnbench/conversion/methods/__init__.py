@@ -1,0 +1,87 @@
+"""One small module per conversion method. Each exposes
+
+    validate(knobs)                          -> None, or a UserError naming the knob and the fix
+    convert(ann, calibration, cfg, batches)  -> Conversion
+
+where `ann` is the canonical network (snnbench.core.graph.canonicalize: BatchNorm folded, one ReLU module per call
+site), `calibration` holds its percentile thresholds, `cfg` is the whole run config (the method's knobs under
+cfg.method) and `batches` yields calibration images (training split). A new method is one module here plus one
+YAML in conf/method/.
+"""
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from snnbench.core.calibrate import Calibration
+from snnbench.errors import UserError
+
+
+@dataclass
+class Conversion:
+    """What a method returns: the spiking network, and the calibration and fan-out of the network it was built
+    from (a rewrite of the ANN for methods that restructure it), with per-layer diagnostics for layers.csv."""
+    snn: nn.Module
+    calibration: Calibration
+    fan_out: dict[str, float]                                   # synapses per neuron of each spiking layer
+    diagnostics: dict[str, dict] = field(default_factory=dict)  # per spiking layer: extra layers.csv columns
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__))
+
+
+def get(name: str):
+    if name not in available():
+        raise UserError(f"unknown method '{name}': choose one of {', '.join(available())}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def spiking_copy(ann, thresholds: dict, scale: float = 1.0, **neuron_knobs) -> nn.Module:
+    """A copy of `ann` with each ReLU replaced by an IF neuron of threshold scale x thresholds[name]."""
+    from snnbench.core.graph import device_of, replace_modules
+    from snnbench.core.neurons import IFNeuron
+
+    snn = replace_modules(ann, {name: IFNeuron(threshold * scale, **neuron_knobs)
+                                for name, threshold in thresholds.items()})
+    return snn.to(device_of(ann))  # the new neurons' buffers join the ANN's device
+
+
+def converted(ann, calibration: Calibration, snn: nn.Module, diagnostics: dict | None = None) -> Conversion:
+    """The Conversion of `snn`, built from `ann` calibrated as `calibration`."""
+    from snnbench.core.analysis import fan_out
+
+    return Conversion(snn, calibration, fan_out(ann), diagnostics or {})
+
+
+# ---- knob checks shared by the methods' validate functions ----
+
+def check_number(knobs, key: str, *, positive=False, allow_none=False, example=None):
+    value = knobs.get(key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or (positive and value <= 0):
+        kind = "a positive number" if positive else "a number"
+        raise UserError(f"method.{key} must be {kind}{' or null' if allow_none else ''}, got {value!r}"
+                        + (f": set e.g. method.{key}={example}" if example is not None else ""))
+
+
+def check_positive_int(knobs, key: str, *, allow_none=False, example=2):
+    value = knobs.get(key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"method.{key} must be a positive integer{' or null' if allow_none else ''}, got "
+                        f"{value!r}: set e.g. method.{key}={example}")
+
+
+def check_flag(knobs, key: str):
+    if not isinstance(knobs.get(key), bool):
+        raise UserError(f"method.{key} must be true or false, got {knobs.get(key)!r}")
+
+
+def check_choice(knobs, key: str, allowed):
+    if knobs.get(key) not in allowed:
+        raise UserError(f"method.{key} must be one of {', '.join(allowed)}, got {knobs.get(key)!r}")

@@ -1,0 +1,29 @@
+"""AugMapping: augmented spikes (one event per step carrying an integer coefficient) with the double
+threshold; the threshold sets the resolution, not the range, so it is scaled by `threshold_scale`. Without the
+negative spike (neg_threshold=null) and with c_max = Gamma these are Li & Zeng 2022's burst spikes."""
+
+from snnbench.conversion.methods import (
+    check_flag,
+    check_number,
+    check_positive_int,
+    converted,
+    spiking_copy,
+    termapping,
+)
+
+
+def validate(knobs):
+    check_number(knobs, "v0", example=0.5)
+    check_number(knobs, "neg_threshold", positive=True, allow_none=True, example=1.0)
+    check_flag(knobs, "require_positive_net")
+    check_flag(knobs, "per_neuron")
+    check_positive_int(knobs, "c_max", allow_none=True, example=4)
+    check_number(knobs, "threshold_scale", positive=True, example=0.125)
+
+
+def convert(ann, calibration, cfg, batches):
+    knobs = cfg.method
+    snn = spiking_copy(ann, termapping.thresholds(ann, calibration, knobs, batches), scale=knobs.threshold_scale,
+                       v0=knobs.v0, c_max=knobs.c_max, neg_threshold=knobs.neg_threshold,
+                       require_positive_net=knobs.require_positive_net)
+    return converted(ann, calibration, snn)

@@ -1,0 +1,108 @@
+"""TTRBR (Meng et al. 2022, METHODS.md): residual block restructuring, then thresholds tuned for a target T.
+
+Tuning goes layer by layer from the input, in one T-step simulation of the calibration images with all T steps
+folded into one forward: a hook on each spiking layer receives the input current over the T steps from the
+layers below (already tuned, earlier in the same forward), runs the layer's IF neuron with every candidate
+threshold (scale x percentile threshold) on it, and keeps the candidate with the smallest mean squared error
+between the T-step rate and the ANN activation, for the whole layer or per channel, before the layer runs. So the
+deviation error caused by the real, time-varying input is part of what is measured, and the whole tuning costs
+one simulation of the calibration images plus the candidates' neuron updates.
+
+With `correct_mean` (an addition to METHODS.md's rule, after Li et al. 2021's bias correction) the hook then gives
+the layer a bias current per channel that cancels the mean of the remaining rate error, so the layers above
+see rates without the systematic part of the error below them.
+
+Per layer the diagnostics (layers.csv) give the RMS over calibration neurons of the error against the ANN, and
+of its parts for the mean current I over the T steps: quantization Q(I) - clip(I, 0, threshold), with Q the rate
+of a constant input, and deviation r - Q(I), with r the actual rate.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from snnbench.conversion.corrections import cancel_mean_error, channel_sums, correct_layer_by_layer, rate_of
+from snnbench.conversion.methods import (
+    check_choice,
+    check_flag,
+    check_number,
+    check_positive_int,
+    converted,
+    spiking_copy,
+)
+from snnbench.conversion.restructure import KINDS, SplitReLU, restructure
+from snnbench.core.calibrate import calibrate
+from snnbench.core.graph import device_of
+from snnbench.errors import UserError
+
+ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
+
+
+def validate(knobs):
+    check_number(knobs, "v0", example=0.5)
+    check_number(knobs, "neg_threshold", positive=True, allow_none=True, example=0.1)
+    check_choice(knobs, "restructure", KINDS)
+    check_positive_int(knobs, "copies", example=2)
+    check_positive_int(knobs, "T", allow_none=True, example=32)
+    check_positive_int(knobs, "tune_images", example=32)
+    for key in ("tune", "correct_mean", "per_channel"):
+        check_flag(knobs, key)
+    scales = knobs.get("scales")
+    numbers = isinstance(scales, Sequence) and not isinstance(scales, str) and all(
+        not isinstance(s, bool) and isinstance(s, int | float) and s > 0 for s in scales)
+    if not numbers or len(scales) == 0:
+        raise UserError(f"method.scales must be a non-empty list of positive numbers (candidate thresholds, x the "
+                        f"percentile threshold), got {scales!r}: e.g. method.scales=[0.5,0.75,1.0]")
+
+
+def convert(ann, calibration, cfg, batches):
+    knobs = cfg.method
+    model = restructure(ann, knobs.restructure, knobs.copies, batches[0][:2])
+    if knobs.restructure != "none" or knobs.per_channel != calibration.per_channel:
+        # new neurons, or percentiles per channel: calibrate the rewritten network the same way
+        calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel, device_of(model),
+                                cfg.seed)
+    snn = spiking_copy(model, calibration.thresholds, v0=knobs.v0, neg_threshold=knobs.neg_threshold)
+    for split in (module for module in snn.modules() if isinstance(module, SplitReLU)):
+        split.relu.v0 = split.phases(knobs.v0).to(split.relu.threshold.device)
+    images = torch.cat(batches)[:knobs.tune_images].to(device_of(model))  # the tuning runs where the model is
+    scales = list(knobs.scales) if knobs.tune else [1.0]
+    diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel, knobs.correct_mean)
+    return converted(model, calibration, snn, diagnostics)  # the report counts on the rewritten ANN
+
+
+def tune(snn, ann, images, scales, T, per_channel, correct_mean=False) -> dict[str, dict]:
+    """Tune every spiking layer of `snn` in one T-step simulation of `images`; return per-layer diagnostics."""
+    def tune_layer(neuron, currents, target):
+        diagnostics = choose_threshold(neuron, currents, target, scales, per_channel)
+        if correct_mean:
+            diagnostics["mean_error"] = cancel_mean_error(neuron, currents, target)
+        return diagnostics
+    return correct_layer_by_layer(snn, ann, images, T, tune_layer)
+
+
+def choose_threshold(neuron, currents, target, scales, per_channel) -> dict:
+    """Set `neuron`'s threshold to the candidate with the least squared error on `currents` [T, batch, ...]
+    against the ANN activation `target`; return the chosen threshold's diagnostics."""
+    base = neuron.threshold
+    errors = torch.stack([_squared_errors(neuron, currents, target, base * s) for s in scales])
+    errors /= target.numel() / target.shape[1]  # [candidate, error kind, channel]: mean per neuron
+    channels = torch.arange(errors.shape[2], device=errors.device)
+    best = errors[:, 0].argmin(0) if per_channel else errors[:, 0].mean(1).argmin().expand(len(channels))
+    chosen = errors[best, :, channels]  # [channel, error kind]
+    scale = torch.tensor(scales, device=errors.device)[best]
+    neuron.threshold = base * (scale if per_channel else scale[0])
+    return {"percentile_threshold": base.mean().item(), "threshold_scale": scale.mean().item(),
+            **{kind: chosen[:, k].mean().sqrt().item() for k, kind in enumerate(ERRORS)}}
+
+
+def _squared_errors(neuron, currents, target, threshold) -> torch.Tensor:
+    """Per channel, summed over images and positions: squared error against the ANN, quantization, deviation."""
+    T, batch = currents.shape[:2]
+    rate = rate_of(neuron, threshold, currents.flatten(0, 1), T, batch)
+    mean_current = currents.mean(0)
+    constant_rate = rate_of(neuron, threshold, mean_current, T, batch)
+    theta = threshold.view(-1, *[1] * (target.dim() - 2)) if threshold.dim() else threshold
+    clipped = torch.minimum(mean_current.clamp(min=0), theta)
+    return torch.stack([channel_sums((rate - target) ** 2), channel_sums((constant_rate - clipped) ** 2),
+                        channel_sums((rate - constant_rate) ** 2)])

@@ -1,0 +1,261 @@
+"""The interface every simulation backend implements (`Backend`: a spiking network and the settings in, a
+`Simulation` out) and the loop over blocks of images and chunks of steps that they share."""
+
+import abc
+import concurrent.futures
+import ctypes
+import queue
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from snnbench.core.graph import device_of
+from snnbench.core.neurons import IFNeuron, SpikingGraph
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory():
+    """Have glibc serve large blocks from the heap and keep them when freed. By default each block over 32 MB (a
+    chunk's feature maps) is a fresh mapping whose pages the kernel zeroes on first touch, one fault per page, on
+    every chunk: 4x the cost of filling the block (docs/performance.md). Called where a process starts to simulate
+    (a run, a bench engine); nothing happens without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to open (Windows), or no mallopt in it (macOS)
+        return
+    for parameter in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        mallopt(parameter, 1 << 30)
+
+
+@dataclass
+class SimulationResult:
+    correct: torch.Tensor            # [T] correct predictions at each t
+    num_images: int
+    events: dict[str, torch.Tensor]  # per spiking layer, [T] events (non-zero coefficients) at each t
+    units: dict[str, torch.Tensor]   # per spiking layer, [T] spike units (sum of |c|) at each t
+
+    def accuracy(self) -> torch.Tensor:
+        return self.correct.double() / max(self.num_images, 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to simulate: what a backend needs besides the network."""
+    T: int
+    chunk: int                                            # time steps folded into one batch
+    coding: str = "direct"                                # direct | poisson
+    device: str | torch.device = "cpu"
+    seed: int = 0                                         # Poisson draws
+    layout: torch.memory_format = torch.contiguous_format  # of 4-D feature maps
+    sub_batch: int | None = None                          # images simulated at once (None: whole batches)
+    integer_min_depth: int | None = 0                     # int8: the shallowest spike-fed layer in integers
+    threads: int | None = None                            # CPU: blocks simulated at once (None: torch's threads)
+
+
+def blocks_at_once(device, threads: int | None = None) -> int:
+    """Blocks of images simulated at once, each by a thread of its own: on a CPU as many as torch's intra-op
+    threads (or `threads`), each computing with one thread; on a GPU one (its kernels run asynchronously anyway)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return threads or torch.get_num_threads()
+
+
+class Simulation:
+    """A backend's module graphs of one network, ready to simulate batches: one graph per block simulated at
+    once, each with a state of its own."""
+
+    def __init__(self, modules: list[torch.fx.GraphModule], settings: Settings):
+        self.modules, self.settings = modules, settings
+        self.neurons = [_neurons_of(module) for module in modules]
+
+    def run(self, batches, progress=None) -> SimulationResult:
+        """T steps on every (images, labels) batch, `sub_batch` images at a time, `chunk` steps folded into one
+        batch at a time, several blocks at once on a CPU; the counters stay on the device until the end. Poisson
+        draws are seeded per block, so that they do not depend on which thread simulates which block."""
+        T, device = self.settings.T, self.settings.device
+        correct = torch.zeros(T, dtype=torch.long, device=device)
+        events = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons[0]}
+        units = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons[0]}
+        num_images = 0
+        blocks = enumerate(_parts(batches, self.settings.sub_batch, device, self.settings.layout))
+        for images, (block_correct, block_events, block_units) in self._simulated(blocks):
+            correct += block_correct
+            for name in events:
+                events[name] += block_events[name]
+                units[name] += block_units[name]
+            num_images += len(images)
+            if progress:
+                progress(len(images))
+        return SimulationResult(correct.cpu(), num_images, {name: e.cpu() for name, e in events.items()},
+                                {name: u.cpu() for name, u in units.items()})
+
+    def _simulated(self, blocks):
+        """(images, result) of every (index, (images, labels)) block, one at a time or, with several graphs, each
+        on a thread of its own with one intra-op thread: no block waits for another's threads to meet (the
+        barriers of an op split over threads, which stall when other jobs take the cores: docs/performance.md)."""
+        if len(self.modules) == 1:
+            for index, (images, labels) in blocks:
+                yield images, self._block(0, index, images, labels)
+            return
+        free = queue.SimpleQueue()
+        for graph in range(len(self.modules)):
+            free.put(graph)
+
+        def on_a_free_graph(index, images, labels):
+            graph = free.get()
+            try:
+                return images, self._block(graph, index, images, labels)
+            finally:
+                free.put(graph)
+
+        threads = torch.get_num_threads()
+        pool = concurrent.futures.ThreadPoolExecutor(len(self.modules), initializer=torch.set_num_threads,
+                                                     initargs=(1,))
+        pending = set()
+        try:
+            for index, (images, labels) in blocks:
+                pending.add(pool.submit(on_a_free_graph, index, images, labels))
+                if len(pending) >= 2 * len(self.modules):  # a few blocks ahead, not the whole data set
+                    done, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+                    yield from (future.result() for future in done)
+            yield from (future.result() for future in concurrent.futures.as_completed(pending))
+        finally:  # also when the caller stops early (an interrupt): the blocks not started are dropped
+            pool.shutdown(cancel_futures=True)
+            torch.set_num_threads(threads)  # the threads' setting also reached process-wide libraries (MKL)
+
+    @torch.inference_mode()
+    def _block(self, graph: int, index: int, images: torch.Tensor, labels: torch.Tensor):
+        """T steps of one block of images on graph number `graph`: correct predictions, events and spike units
+        per layer at every step."""
+        module, neurons, settings = self.modules[graph], self.neurons[graph], self.settings
+        T, chunk, batch = settings.T, settings.chunk, images.shape[0]
+        generator = (torch.Generator(device=settings.device).manual_seed(settings.seed * 1_000_003 + index)
+                     if settings.coding == "poisson" else None)
+        for neuron in neurons.values():
+            neuron.reset(batch, T)
+        correct = torch.zeros(T, dtype=torch.long, device=settings.device)
+        accumulated = None
+        for start in range(0, T, chunk):
+            steps = min(chunk, T - start)
+            for neuron in neurons.values():
+                neuron.steps = steps
+            inputs = images if generator is None else placed(_poisson(images, steps, generator), settings.device,
+                                                             settings.layout)
+            # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
+            outputs = module(inputs).view(steps, batch, -1).cumsum(0)
+            if accumulated is not None:
+                outputs += accumulated
+            accumulated = outputs[-1]
+            correct[start:start + steps] = (outputs.argmax(-1) == labels).sum(1)
+        return (correct, {name: neuron.events for name, neuron in neurons.items()},
+                {name: neuron.units for name, neuron in neurons.items()})
+
+
+def _neurons_of(module: torch.fx.GraphModule) -> dict[str, IFNeuron]:
+    """The neurons a graph calls, by the name it calls them (also where another module of the graph holds one)."""
+    called = {node.target: module.get_submodule(node.target) for node in module.graph.nodes
+              if node.op == "call_module"}
+    return {name: neuron for name, neuron in called.items() if isinstance(neuron, IFNeuron)}
+
+
+class Backend(abc.ABC):
+    """A way to simulate a spiking network (a module holding IFNeuron layers): one module of snnbench.simulation.engines
+    each, as its BACKEND. A backend computes with modules of its own where it computes differently, in a module
+    graph of its own built from the network's traced graph; it never replaces the network's modules or their
+    forward methods."""
+    name: str  # sim.engine=<name>
+
+    def unavailable(self, device) -> str | None:
+        """Why this backend cannot simulate on `device` here, with the fix (None: it can)."""
+        return None
+
+    def prepare(self, network: nn.Module, settings: Settings) -> Simulation:
+        """`network`, moved to the settings' device and layout, as this backend simulates it: one module graph per
+        block simulated at once. The first calls the network's own neurons where the backend does (so that hooks
+        on them see the simulation), the others copies of them (a state of their own)."""
+        network.eval().to(settings.device, memory_format=settings.layout)
+        own = set(spiking_layers(network).values())
+        modules = []
+        for number in range(blocks_at_once(settings.device, settings.threads)):
+            module = self.module_graph(SpikingGraph(network), settings)  # traced here: fx's tracer is not threadsafe
+            for name, neuron in _neurons_of(module).items():
+                if number and neuron in own:
+                    module.add_submodule(name, type(neuron).like(neuron))
+            modules.append(module)
+        return Simulation(modules, settings)
+
+    @abc.abstractmethod
+    def module_graph(self, graph: SpikingGraph, settings: Settings) -> torch.fx.GraphModule:
+        """The module that computes `graph`'s network the way this backend does (SpikingGraph.with_modules)."""
+
+
+class ComputedOnce(nn.Module):
+    """`module`, giving its last output again when called with the same input tensor (the same object: the
+    images of one block, or what such a module returned)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module, self.input, self.output = module, None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.input:
+            self.input, self.output = x, self.module(x)
+        return self.output
+
+
+def computed_once(graph: SpikingGraph) -> dict[str, nn.Module]:
+    """The modules between the input and the first neurons (stateless, fed only the input or one another), each
+    computed once per input tensor, by name: with direct coding every chunk of a block feeds the same images, so
+    their currents are computed once per block, not once per chunk."""
+    constant, found = set(), {}
+    for node in graph.nodes:
+        module = graph.module(node)
+        if node.op == "placeholder" or (module is not None and not isinstance(module, IFNeuron) and
+                                         node.all_input_nodes and set(node.all_input_nodes) <= constant):
+            constant.add(node)
+            if module is not None:
+                found[node.target] = ComputedOnce(module)
+    return found
+
+
+def spiking_layers(model: nn.Module) -> dict[str, IFNeuron]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, IFNeuron)}
+
+
+def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
+    """Elements every leaf module outputs per image: the memory one folded time step costs."""
+    total, hooks = [0], []
+    for module in model.modules():
+        if not list(module.children()):
+            hooks.append(module.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o[0].numel())))
+    neurons = spiking_layers(model).values()
+    for neuron in neurons:
+        neuron.reset(batch=1, total_steps=1)
+        neuron.steps = 1
+    with torch.inference_mode():
+        model(sample[:1].to(device_of(model)))
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def placed(x: torch.Tensor, device, layout: torch.memory_format) -> torch.Tensor:
+    """`x` on `device`, in `layout` when it is a batch of feature maps."""
+    return x.to(device, memory_format=layout) if x.dim() == 4 else x.to(device)
+
+
+def _poisson(images: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli spikes with probability = intensity, one draw per step, folded into the batch."""
+    draws = torch.rand((steps, *images.shape), generator=generator, device=images.device)
+    return (draws < images).to(images.dtype).flatten(0, 1)
+
+
+def _parts(batches, size: int | None, device, layout):
+    """Each (images, labels) batch on the device, in parts of at most `size` images (None: whole)."""
+    for images, labels in batches:
+        images, labels = placed(images, device, layout), labels.to(device)
+        size_here = size or len(labels)
+        for first in range(0, len(labels), size_here):
+            yield images[first:first + size_here], labels[first:first + size_here]
