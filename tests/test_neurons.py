@@ -52,7 +52,7 @@ def test_augmented_neuron_at_T1_is_the_quantiser():
 
 
 def spec_rule(currents, theta, v0, c_max, neg_threshold, require_positive_net):
-    """METHODS.md's update rule written out scalar by scalar, for one neuron."""
+    """docs/methods.md's update rule written out scalar by scalar, for one neuron."""
     v, net, out = v0 * theta, 0, []
     for current in currents:
         v += current

@@ -16,9 +16,8 @@ from typer.testing import CliRunner
 
 from snnbench.app import devices, pipeline
 from snnbench.app.cli import app
-from snnbench.app.shards import shard_of
 from snnbench.errors import UserError
-from snnbench.io.data import build_splits
+from snnbench.io.data import build_splits, shard_of
 from snnbench.io.files import write_json
 
 RUN = ("sim.T=6", "sim.num_samples=150", "train.epochs=2")

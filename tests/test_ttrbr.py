@@ -1,5 +1,5 @@
 """TTRBR on a random tiny ResNet: the block rewrites keep the ANN's logits, each tuned threshold is the best
-candidate on what the simulated layer receives, and the diagnostics measure what METHODS.md defines."""
+candidate on what the simulated layer receives, and the diagnostics measure what docs/methods.md defines."""
 
 import operator
 

@@ -21,8 +21,9 @@ from rich.table import Table
 from snnbench.app import validate
 from snnbench.app.console import ConsoleLog, console, results
 from snnbench.app.report import FORMATS, build_report
+from snnbench.app.runs import RESULTS_BEFORE_SUMMARY
 from snnbench.errors import UserError
-from snnbench.io.files import write_json
+from snnbench.io.files import DISK_FULL, write_json
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # snnbench/
 # the configs: their copy inside an installed package (pyproject.toml maps conf/ there), else a source tree's conf/
@@ -77,7 +78,18 @@ def claim_run_folder(subdir: str, *, _root_) -> str:
         raise UserError(f"{folder} is in use by a run in progress: choose another {knob}, or wait until that run "
                         "ends") from None
     held_folders[folder] = lock
+    remove_leftovers(folder)
     return subdir
+
+
+def remove_leftovers(folder: Path):
+    """What a killed run (SIGKILL, a node lost) left in `folder`, which holds no summary.json: its results written
+    so far, which no complete run vouches for, and its temporary files. Called with the folder's lock held, so
+    no other run is writing there."""
+    for name in RESULTS_BEFORE_SUMMARY:
+        (folder / name).unlink(missing_ok=True)
+    for temporary in folder.glob(".*.tmp"):
+        temporary.unlink(missing_ok=True)
 
 
 OmegaConf.register_new_resolver("new_folder", new_folder, use_cache=True)  # resolved once per config
@@ -170,8 +182,15 @@ def describe(err: BaseException) -> str:
         return f"cannot parse the overrides ({text.splitlines()[0]}): write key=value, quoting values like 'a b'"
     if type(err).__name__ in ("ConfigCompositionException", "MissingConfigException"):
         return text.splitlines()[0] + (f" ({cause.splitlines()[0]})" if cause else "")
-    os_error = next((e for e in _causes(err) if isinstance(e, OSError) and e.filename), None)
-    if os_error is not None:  # Hydra creating a run folder or its log; snnbench's own writes raise UserErrors
+    # Hydra creating a run folder or writing its config or log there; snnbench's own writes raise UserErrors
+    os_error = next((e for e in _causes(err) if isinstance(e, OSError) and (e.filename or e.errno in DISK_FULL)),
+                    None)
+    if os_error is not None and os_error.errno in DISK_FULL:
+        # a write that fails (not an open) names no file: the run folder claimed last is where it went
+        where = os_error.filename or next(reversed(held_folders), "the run folder")
+        return (f"cannot write {where} ({os_error.strerror}): the disk is full: free space on it, or choose a "
+                "folder on another disk (hydra.run.dir, hydra.sweep.dir, or run from another folder)")
+    if os_error is not None:
         return (f"cannot write {os_error.filename} ({os_error.strerror}): choose a folder that can be written "
                 "(hydra.run.dir, hydra.sweep.dir, or run from another folder)")
     if type(err).__module__.startswith("omegaconf"):
@@ -244,9 +263,10 @@ def _composed(overrides: list[str]):
 
 
 def _working_directory_importable():
-    """model._target_ may name a module in the working directory, as in Hydra apps."""
+    """model._target_ may name a module in the working directory, as in Hydra apps. Appended, not put first: a
+    file there named like an installed module (torch.py) must not replace it."""
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -314,4 +334,7 @@ def _terminate(signum, frame):
 
 def main():
     signal.signal(signal.SIGTERM, _terminate)
+    for name in ("SNNBENCH_CACHE", "SNNBENCH_DATA"):
+        if os.environ.get(name) == "":  # set but empty, as `export SNNBENCH_CACHE=` leaves it: the default
+            del os.environ[name]
     app()

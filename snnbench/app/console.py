@@ -1,5 +1,7 @@
 """The two consoles (diagnostics on stderr, results on stdout), the log handler and the table of one run."""
 
+import logging
+import sys
 import time
 
 import pandas as pd
@@ -28,6 +30,33 @@ class ConsoleLog(RichHandler):
         level = "" if record.levelname == "INFO" else f"{record.levelname.lower()}: "
         self.console.file.write(f"[{time.strftime('%H:%M:%S')}] {level}{self.format(record)}\n")
         self.console.file.flush()
+
+
+class RunLogFile(logging.FileHandler):
+    """The run folder's log file (conf/hydra/job_logging). When it cannot be opened or written (a full disk, a
+    folder gone), the log says so once, on stderr, and the file is left alone from then on: no traceback for
+    every line, and the run goes on."""
+
+    def __init__(self, filename, **kwargs):
+        super().__init__(filename, **{**kwargs, "delay": True})  # opened at the first line, where failing is handled
+        self.failed = False
+
+    def emit(self, record):
+        if self.failed:
+            return
+        try:
+            super().emit(record)
+        except Exception:  # opening the file; a failed write StreamHandler.emit hands to handleError itself
+            self.handleError(record)
+
+    def handleError(self, record):
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        logging.getLogger("snnbench").warning("cannot write the log file %s (%s): log lines go to stderr only",
+                                              self.baseFilename, reason)
 
 
 def milestones(T: int) -> list[int]:

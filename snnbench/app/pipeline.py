@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from snnbench.app.console import show_run
 from snnbench.app.devices import resolve_device
 from snnbench.app.models import build_model
-from snnbench.app.shards import check_shard, counts_of, per_image, shard_of
+from snnbench.app.shards import check_shard, counts_of, per_image
 from snnbench.app.train import evaluate, init_checkpoint_sha256, progress_bar, start_of_training, train, with_activation
 from snnbench.app.validate import check_values
 from snnbench.conversion import methods
@@ -27,7 +27,7 @@ from snnbench.core.graph import canonicalize, device_of, trace, with_average_poo
 from snnbench.errors import UserError
 from snnbench.io.cache import cached, config_hash, sha256_of
 from snnbench.io.checkpoints import load_checkpoint
-from snnbench.io.data import DataSplits, build_splits, identity, loader, seeded_subset
+from snnbench.io.data import DataSplits, build_splits, identity, loader, seeded_subset, shard_of
 from snnbench.io.files import write_csv, write_json
 from snnbench.simulation.backend import reuse_freed_memory
 from snnbench.simulation.memory import check_simulation_memory

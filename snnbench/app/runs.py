@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from snnbench.errors import UserError
 
 RUN_MARKERS = ("summary.json", "error.json", ".hydra")  # a folder holding any of these is a run
+RESULTS_BEFORE_SUMMARY = ("accuracy.csv", "layers.csv", "counts.json")  # a run's results, written before summary.json
 
 
 FAILED_COLUMNS = ("run", "status", "error")

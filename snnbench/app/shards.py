@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import torch
 from omegaconf import OmegaConf
-from torch.utils.data import Dataset, Subset
 
 from snnbench.app.runs import FAILED_COLUMNS, read_overrides, run_status
 from snnbench.errors import UserError
@@ -30,18 +28,6 @@ def check_shard(shard, num_shards):
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise UserError(f"sim.shard must be an integer from 0 to sim.num_shards - 1 = {num_shards - 1}, got "
                         f"{shard!r}: run the shards as `-m sim.shard=range(0,{num_shards})`")
-
-
-def shard_of(dataset: Dataset, shard: int, num_shards: int, seed: int) -> Dataset:
-    """The `shard`-th of `num_shards` disjoint parts of `dataset`: every num_shards-th item of a seeded permutation,
-    so the parts differ in size by at most one image and together hold every image once. One shard: all of it."""
-    if num_shards == 1:
-        return dataset
-    if len(dataset) < num_shards:
-        raise UserError(f"sim.num_shards={num_shards} is more than the {len(dataset)} evaluated images: "
-                        f"lower sim.num_shards")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return Subset(dataset, order[shard::num_shards].tolist())
 
 
 def counts_of(result, fan: dict, ann_accuracy: float) -> dict:

@@ -2,9 +2,15 @@
 the pipeline (and with it torch), so that a mistyped value is refused in about a second, not after seconds of
 imports; the pipeline makes them again for callers that start it directly."""
 
+import math
 import re
 
+from omegaconf import OmegaConf
+
 from snnbench.errors import UserError
+from snnbench.simulation import engines  # torch-free until an engine is asked for
+
+CALIBRATION_RULES = ("percentile", "local_balancing")  # snnbench.core.calibrate.RULES, which imports torch
 
 
 def positive_int(key: str, value, allow_none=False, example=32):
@@ -14,9 +20,27 @@ def positive_int(key: str, value, allow_none=False, example=32):
         raise UserError(f"{key} must be a positive integer, got {value!r}: set e.g. {key}={example}")
 
 
+def number_in(key: str, value, low, high=math.inf, *, low_open=False, allow_none=False, meaning="", example=None):
+    """`value` must be a finite number from `low` (excluded if `low_open`) up to `high` (excluded)."""
+    if value is None and allow_none:
+        return
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if number and (low < value or (value == low and not low_open)) and value < high:
+        return
+    if high < math.inf:
+        kind = f"a number in {'(' if low_open else '['}{low}, {high})"
+    else:
+        kind = "a positive number" if low_open else "a non-negative number"
+    raise UserError(f"{key} must be {kind}{' or null' if allow_none else ''}{meaning}, got {value!r}"
+                    + (f": e.g. {key}={example}" if example is not None else ""))
+
+
 def check_values(cfg):
-    """Reject impossible values of the stages' general keys (sim.*, train.*, calibrate.*, device, choices),
-    naming the key and the fix. The methods check their own knobs."""
+    """Reject impossible values of the stages' general keys (sim.*, train.*, calibrate.*, energy.*, seed,
+    device, choices) and any number in the config that is not finite, naming the key and the fix. The methods
+    check their own knobs' ranges."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {cfg.seed!r}: e.g. seed=0")
     positive_int("sim.T", cfg.sim.T)
     positive_int("sim.batch_size", cfg.sim.batch_size)
     positive_int("sim.num_samples", cfg.sim.num_samples, allow_none=True)
@@ -33,7 +57,17 @@ def check_values(cfg):
     percentile = cfg.calibrate.percentile
     if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
         raise UserError(f"calibrate.percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for max")
+    number_in("train.lr", cfg.train.lr, 0, low_open=True, example=0.05)
+    number_in("train.momentum", cfg.train.momentum, 0, 1, example=0.9)
+    number_in("train.weight_decay", cfg.train.weight_decay, 0, example=5e-4)
+    number_in("train.label_smoothing", cfg.train.label_smoothing, 0, 1, example=0.1)
+    for key, example in (("mac_pj", 4.6), ("ac_pj", 0.9)):
+        number_in(f"energy.{key}", cfg.energy[key], 0, meaning=" (picojoules per operation)", example=example)
+    number_in("sim.max_memory_mb", cfg.sim.max_memory_mb, 0, low_open=True, allow_none=True,
+              meaning=" (megabytes the activations of a chunk may take; null: half the free memory)", example=4096)
     choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
+               "sim.engine": (cfg.sim.engine, ("auto", *engines.names())),
+               "calibrate.rule": (cfg.calibrate.rule, CALIBRATION_RULES),
                "sim.split": (cfg.sim.split, ("test", "train")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
                "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
@@ -44,7 +78,29 @@ def check_values(cfg):
     for key in ("channels_last", "integer_conv"):
         if cfg.sim[key] not in ("auto", True, False):
             raise UserError(f"sim.{key} must be auto, true or false, got {cfg.sim[key]!r}")
+    if not isinstance(cfg.calibrate.per_channel, bool):
+        raise UserError(f"calibrate.per_channel must be true or false, got {cfg.calibrate.per_channel!r}")
     check_device(cfg.device)
+    if not isinstance(cfg.cache_dir, str) or not cfg.cache_dir:
+        raise UserError(f"cache_dir must name a folder, got {cfg.cache_dir!r}: e.g. cache_dir=outputs/cache (or "
+                        "unset it)")
+    for key, value in _numbers(OmegaConf.to_container(cfg, resolve=True)):
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
+
+
+def _numbers(node, key=""):
+    """(dotted key, value) of every float in a config container, however deep (lists too)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        if isinstance(node, float):
+            yield key, node
+        return
+    for name, value in items:
+        yield from _numbers(value, f"{key}[{name}]" if isinstance(name, int) else f"{key}.{name}" if key else name)
 
 
 def check_device(name):

@@ -1,5 +1,5 @@
-"""ANN-function-preserving rewrites of the residual neurons of a canonical network (TTRBR, METHODS.md): the
-spiking layers fed by an addition, out = ReLU(F(x) + shortcut(x)), in any residual network.
+"""ANN-function-preserving rewrites of the residual neurons of a canonical network (TTRBR, docs/methods.md):
+the spiking layers fed by an addition, out = ReLU(F(x) + shortcut(x)), in any residual network.
 
     none             the network as trained: the post-addition neuron receives x's raw spikes
     shortcut_neuron  a ReLU on the shortcut path: the shortcut spikes pass one calibrated neuron layer of their
@@ -21,6 +21,7 @@ represent, at the price of up to `copies` events per channel and step (docs/ttrb
 
 import copy
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -57,6 +58,18 @@ class SplitReLU(nn.Module):
         theta / k for a running input sum S (Hermite's identity: sum_i floor(y + i / k) = floor(k y)), where one
         neuron emits floor(S / theta + v0) of theta (while S does not fall and each step adds at most theta)."""
         return ((torch.arange(self.copies) + v0) / self.copies).repeat_interleave(self.channels)
+
+
+@dataclass(frozen=True)
+class Restructuring:
+    """restructure()'s arguments as data: what rebuilds the rewritten network from the canonical one (a saved
+    conversion, snnbench.conversion.saved)."""
+    kind: str = "none"
+    copies: int = 1
+    example_shape: tuple[int, ...] = ()  # of a batch of the input: only the feature maps' sizes matter
+
+    def apply(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return restructure(model, self.kind, self.copies, torch.zeros(self.example_shape))
 
 
 def restructure(model: torch.fx.GraphModule, kind: str, copies: int, example: torch.Tensor) -> torch.fx.GraphModule:

@@ -43,6 +43,11 @@ def load_checkpoint(model: nn.Module, path) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state_dict of tensors; save the model's state_dict()")
     state = {key.removeprefix("module."): value for key, value in state.items()}
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            kind = "NaN" if torch.isnan(tensor).any() else "an infinity"
+            raise UserError(f"checkpoint {path} holds {kind} in {key}: its weights are unusable (a training that "
+                            "diverged?); point train.checkpoint at a checkpoint whose weights are finite")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]

@@ -313,3 +313,15 @@ def loader(dataset: Dataset, batch_size: int, *, shuffle=False, seed=0, limit=No
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       num_workers=num_workers)
+
+
+def shard_of(dataset: Dataset, shard: int, num_shards: int, seed: int) -> Dataset:
+    """The `shard`-th of `num_shards` disjoint parts of `dataset`: every num_shards-th item of a seeded permutation,
+    so the parts differ in size by at most one image and together hold every image once. One shard: all of it."""
+    if num_shards == 1:
+        return dataset
+    if len(dataset) < num_shards:
+        raise UserError(f"sim.num_shards={num_shards} is more than the {len(dataset)} evaluated images: "
+                        f"lower sim.num_shards")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[shard::num_shards].tolist())

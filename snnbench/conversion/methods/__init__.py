@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from snnbench.conversion.restructure import Restructuring
 from snnbench.core.calibrate import Calibration
 from snnbench.errors import UserError
 
@@ -27,6 +28,8 @@ class Conversion:
     calibration: Calibration
     fan_out: dict[str, float]                                   # synapses per neuron of each spiking layer
     diagnostics: dict[str, dict] = field(default_factory=dict)  # per spiking layer: extra layers.csv columns
+    # how the network `snn` was made from was rewritten from the canonical ANN (TTRBR), for a saved conversion
+    restructuring: Restructuring = field(default_factory=Restructuring)
 
 
 def available() -> list[str]:
@@ -49,11 +52,13 @@ def spiking_copy(ann, thresholds: dict, scale: float = 1.0, **neuron_knobs) -> n
     return snn.to(device_of(ann))  # the new neurons' buffers join the ANN's device
 
 
-def converted(ann, calibration: Calibration, snn: nn.Module, diagnostics: dict | None = None) -> Conversion:
-    """The Conversion of `snn`, built from `ann` calibrated as `calibration`."""
+def converted(ann, calibration: Calibration, snn: nn.Module, diagnostics: dict | None = None,
+              restructuring: Restructuring = Restructuring()) -> Conversion:
+    """The Conversion of `snn`, built from `ann` (the canonical ANN rewritten by `restructuring`) calibrated as
+    `calibration`."""
     from snnbench.core.analysis import fan_out
 
-    return Conversion(snn, calibration, fan_out(ann), diagnostics or {})
+    return Conversion(snn, calibration, fan_out(ann), diagnostics or {}, restructuring)
 
 
 # ---- knob checks shared by the methods' validate functions ----

@@ -1,4 +1,4 @@
-"""TTRBR (Meng et al. 2022, METHODS.md): residual block restructuring, then thresholds tuned for a target T.
+"""TTRBR (Meng et al. 2022, docs/methods.md): residual block restructuring, then thresholds tuned for a target T.
 
 Tuning goes layer by layer from the input, in one T-step simulation of the calibration images with all T steps
 folded into one forward: a hook on each spiking layer receives the input current over the T steps from the
@@ -8,9 +8,9 @@ between the T-step rate and the ANN activation, for the whole layer or per chann
 deviation error caused by the real, time-varying input is part of what is measured, and the whole tuning costs
 one simulation of the calibration images plus the candidates' neuron updates.
 
-With `correct_mean` (an addition to METHODS.md's rule, after Li et al. 2021's bias correction) the hook then gives
-the layer a bias current per channel that cancels the mean of the remaining rate error, so the layers above
-see rates without the systematic part of the error below them.
+With `correct_mean` (an addition to docs/methods.md's rule, after Li et al. 2021's bias correction) the hook
+then gives the layer a bias current per channel that cancels the mean of the remaining rate error, so the layers
+above see rates without the systematic part of the error below them.
 
 Per layer the diagnostics (layers.csv) give the RMS over calibration neurons of the error against the ANN, and
 of its parts for the mean current I over the T steps: quantization Q(I) - clip(I, 0, threshold), with Q the rate
@@ -30,7 +30,7 @@ from snnbench.conversion.methods import (
     converted,
     spiking_copy,
 )
-from snnbench.conversion.restructure import KINDS, SplitReLU, restructure
+from snnbench.conversion.restructure import KINDS, Restructuring, SplitReLU
 from snnbench.core.calibrate import calibrate
 from snnbench.core.graph import device_of
 from snnbench.errors import UserError
@@ -57,7 +57,8 @@ def validate(knobs):
 
 def convert(ann, calibration, cfg, batches):
     knobs = cfg.method
-    model = restructure(ann, knobs.restructure, knobs.copies, batches[0][:2])
+    restructuring = Restructuring(knobs.restructure, knobs.copies, tuple(batches[0][:2].shape))
+    model = restructuring.apply(ann)
     if knobs.restructure != "none" or knobs.per_channel != calibration.per_channel:
         # new neurons, or percentiles per channel: calibrate the rewritten network the same way
         calibration = calibrate(model, batches, cfg.calibrate.percentile, knobs.per_channel, device_of(model),
@@ -68,7 +69,7 @@ def convert(ann, calibration, cfg, batches):
     images = torch.cat(batches)[:knobs.tune_images].to(device_of(model))  # the tuning runs where the model is
     scales = list(knobs.scales) if knobs.tune else [1.0]
     diagnostics = tune(snn, model, images, scales, knobs.T or cfg.sim.T, knobs.per_channel, knobs.correct_mean)
-    return converted(model, calibration, snn, diagnostics)  # the report counts on the rewritten ANN
+    return converted(model, calibration, snn, diagnostics, restructuring)  # the report counts on the rewritten ANN
 
 
 def tune(snn, ann, images, scales, T, per_channel, correct_mean=False) -> dict[str, dict]:
