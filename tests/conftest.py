@@ -54,14 +54,21 @@ def cifar_root(tmp_path):
     return tmp_path
 
 
-@pytest.fixture
-def cfg(tmp_path):
-    """The composed default config, with a private cache."""
+@pytest.fixture(scope="session")
+def composed_config():
+    """The default config, composed once per session, in struct mode (a key the tree lacks is an error, as on the
+    command line)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = compose(config_name="config", overrides=[f"cache_dir={tmp_path / 'cache'}"])
-    OmegaConf.set_struct(config, False)
+        return compose(config_name="config")
+
+
+@pytest.fixture
+def cfg(composed_config, tmp_path):
+    """A copy of the composed default config for one test, with a private cache."""
+    config = composed_config.copy()
+    config.cache_dir = str(tmp_path / "cache")
     return config
 
 
