@@ -7,7 +7,6 @@ import struct
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from snnbench.app.cli import CONF_DIR
 

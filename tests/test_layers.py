@@ -19,6 +19,8 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts == ["snnbench"] or parts[1] in ("__init__", "__main__"):
         return "api" if parts[-1] != "__main__" else "app"
+    if parts[1] == "methods":  # snnbench.methods: the methods' typed knobs, as the API offers them
+        return "api"
     return parts[1].removesuffix(".py")
 
 

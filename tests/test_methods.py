@@ -99,7 +99,7 @@ def test_a_conversion_is_cached_and_a_rerun_gives_the_same_results(run_method, c
     ("method.scales=[]", "method.scales must be a non-empty list of positive numbers"),
     ("method.scales=[1,-2]", "method.scales must be a non-empty list of positive numbers"),
     ("method.tune=maybe", "method.tune must be true or false, got 'maybe'"),
-    ("method.v0=high", "method.v0 must be a number, got 'high'"),
+    ("method.v0=high", "method.v0 must be a finite number, got 'high'"),
 ])
 def test_a_method_checks_its_own_knobs(override, message):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from snnbench.core.neurons import IFNeuron
+from snnbench.core.neurons import IFNeuron, capped_at_clip
 
 
 def run(neuron: IFNeuron, currents: torch.Tensor) -> torch.Tensor:
@@ -109,3 +109,37 @@ def test_a_neuron_that_emits_its_coefficients_emits_them_whole(neg_threshold):
     assert run(neuron, torch.tensor([[3.5, 0.25, 1.0, 9.0]])).tolist() == [[3.0, 0.0, 1.0, 4.0]]
     assert neuron.events.tolist() == [3.0] and neuron.units.tolist() == [8.0]
     assert neuron.v.tolist() == [0.5, 0.25, 0.0, 5.0]
+
+
+@pytest.mark.parametrize("c_max", [1, 4, None])
+def test_a_clipped_relus_neuron_converges_to_the_clipped_activation(c_max):
+    # calibrated above the clip (a threshold scale, a percentile of a layer that saturates): capped_at_clip keeps
+    # the rate at most the clip, and the rate of a constant input converges to min(max(x, 0), clip)
+    clip, x = 6.0, torch.linspace(-3.0, 12.0, 151)
+    threshold, most = capped_at_clip(torch.tensor(9.0), c_max, clip)
+    assert threshold == clip and most == 1
+    errors = {}
+    for T in (16, 64, 256):
+        rate = run(IFNeuron(threshold, c_max=most), x.expand(T, -1)).sum(0) / T
+        assert rate.max() <= clip
+        errors[T] = (rate - x.clamp(0, clip)).abs().max().item()
+        assert errors[T] <= clip / T + 1e-5
+    assert errors[256] < errors[16]
+    # below the clip a multi-spike neuron keeps as many spikes a step as stay within it
+    assert capped_at_clip(torch.tensor([1.5, 2.5]), c_max, clip)[1] == (2 if c_max is None else min(c_max, 2))
+
+
+@pytest.mark.parametrize("slope", [0.01, 0.1, 0.5])
+def test_a_leaky_relus_pair_of_neurons_converges_to_the_leaky_activation(slope):
+    # the signed neuron of a leaky ReLU: one IF neuron integrates x, one -x; its output is the first's spikes minus
+    # slope x the second's, whose rate converges to max(x, 0) + slope * min(x, 0)
+    x = torch.linspace(-2.0, 2.0, 101)
+    theta_positive, theta_negative = 2.0, 2.0
+    errors = {}
+    for T in (16, 64, 256):
+        positive = run(IFNeuron(theta_positive), x.expand(T, -1)).sum(0) / T
+        negative = run(IFNeuron(theta_negative), (-x).expand(T, -1)).sum(0) / T
+        rate = positive - slope * negative
+        errors[T] = (rate - torch.nn.functional.leaky_relu(x, slope)).abs().max().item()
+        assert errors[T] <= (theta_positive + slope * theta_negative) / T + 1e-5
+    assert errors[256] < errors[64] < errors[16]

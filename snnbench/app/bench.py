@@ -28,13 +28,16 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
 from snnbench.app.console import console
-from snnbench.app.pipeline import prepare, resolve_device
+from snnbench.app.pipeline import build_ann, canonical_ann, prepare, resolve_device
+from snnbench.app.train import with_activation
+from snnbench.conversion import saved
 from snnbench.errors import UserError
+from snnbench.io.cache import data_bytes, load_data
 from snnbench.io.data import loader
 from snnbench.io.files import write_csv
 from snnbench.models.normalize import Normalize
@@ -102,7 +105,7 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
              torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="snnbench-bench-") as folder:
         path = Path(folder) / "workload.pt"
-        torch.save(work, path)
+        path.write_bytes(data_bytes(_workload_data(work, cfg, prepared.conversion)))
         results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
     show_bench(frame, results, cfg, setting, num_images, chosen.engine)
@@ -110,6 +113,23 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
         write_csv(out, frame)
         log.info("bench: wrote %s", out)
     return frame
+
+
+def _workload_data(work: Workload, cfg: DictConfig, conversion) -> dict:
+    """`work` as data (tensors and plain values) for the engines' processes, which rebuild its networks from
+    snnbench's code (_read_workload): no process unpickles a module."""
+    return {"config": {key: OmegaConf.to_container(cfg[key], resolve=True)
+                       for key in ("model", "dataset", "train", "convert")},
+            "ann": work.ann.state_dict(), "conversion": saved.as_data(conversion),
+            **{key: value for key, value in vars(work).items() if key not in ("ann", "snn")}}
+
+
+def _read_workload(path: Path) -> Workload:
+    data = load_data(path)
+    cfg = OmegaConf.create(data.pop("config"))
+    ann = canonical_ann(cfg, with_activation(build_ann(cfg), cfg.train))
+    ann.load_state_dict(data.pop("ann"), strict=True)
+    return Workload(ann=ann, snn=saved.rebuilt(data.pop("conversion"), ann).snn, **data)
 
 
 def _measure_alternating(engines: list[str], workload: Path, warmup: int, repeats: int) -> dict:
@@ -241,7 +261,7 @@ def worker():
         channel.write(json.dumps(message) + "\n")
         channel.flush()
 
-    work = torch.load(workload, weights_only=False)
+    work = _read_workload(Path(workload))
     try:
         peers = {"ann_floor": _ann_floor, "spikingjelly": _spikingjelly}
         modes = peers.get(engine, functools.partial(_snnbench, engine=engine))(work)

@@ -2,17 +2,14 @@
 the call each came from, output shape, neurons per image, fan-out), what was folded, removed or replaced, or the
 first node that stops the conversion."""
 
-import math
-
-import torch
 from rich.console import Console
 from rich.table import Table
-from torch.fx.passes.shape_prop import ShapeProp
 
 from snnbench.app.models import build_model
 from snnbench.app.pipeline import validate
-from snnbench.core.analysis import fan_out
-from snnbench.core.graph import canonicalize
+from snnbench.core.analog import ANALOG, SPIKING
+from snnbench.core.convertible import check_convertible
+from snnbench.core.inspection import inspect
 
 
 def inspect_model(cfg, console: Console):
@@ -20,24 +17,24 @@ def inspect_model(cfg, console: Console):
     a model that cannot be converted raises the UserError that `run` would."""
     validate(cfg)
     model = build_model(cfg.model, cfg.dataset)
-    result = canonicalize(model, cfg.convert.maxpool)
-    canonical = result.module
-    image = torch.zeros(1, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
-    with torch.inference_mode():
-        ShapeProp(canonical).propagate(image)
-    shapes = {node.target: tuple(node.meta["tensor_meta"].shape[1:]) for node in canonical.graph.nodes
-              if node.op == "call_module" and node.target in result.layers}
-    fans = fan_out(canonical)
-    table = Table(title=f"{cfg.model.name} on {cfg.dataset.name}: {len(result.layers)} spiking layers")
-    for column in ("layer", "from", "output shape", "neurons / image", "fan-out"):
+    check_convertible(model, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.num_classes,
+                      cfg.convert.maxpool, cfg.convert.nonlinear)  # as `run` checks it before training
+    found = inspect(model, (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size), cfg.convert.maxpool,
+                    cfg.convert.nonlinear)
+    analog = found.layers[found.layers.kind == ANALOG]
+    title = f"{cfg.model.name} on {cfg.dataset.name}: {len(found.layers) - len(analog)} spiking layers"
+    table = Table(title=title + (f", {len(analog)} analog operators" if len(analog) else ""))
+    kinds = (found.layers.kind != SPIKING).any()  # a network of spiking layers only: the title says so
+    for column in ("layer", *(["kind"] if kinds else []), "from", "output shape", "neurons / image", "fan-out"):
         table.add_column(column, justify="right" if column in ("neurons / image", "fan-out") else "left")
-    for name, origin in result.layers.items():
-        table.add_row(name, origin, "x".join(map(str, shapes[name])), f"{math.prod(shapes[name]):,}",
-                      f"{fans[name]:,.4g}")
+    for layer in found.layers.itertuples(index=False):
+        table.add_row(layer.layer, *([layer.kind] if kinds else []), layer.origin,
+                      "x".join(map(str, layer.output_shape)), f"{layer.neurons:,}",
+                      "-" if layer.kind == ANALOG else f"{layer.fan_out:,.4g}")
     console.print(table)
-    parameters = sum(p.numel() for p in canonical.parameters())
-    console.print(f"{parameters:,} parameters after folding; "
-                  f"{sum(math.prod(s) for s in shapes.values()):,} neurons per image", highlight=False)
-    for label, items in (("folded", result.folded), ("removed", result.removed), ("replaced", result.replaced)):
+    console.print(f"{found.parameters:,} parameters after folding; {found.neurons:,} neurons per image",
+                  highlight=False)
+    for label, items in (("folded", found.folded), ("kept as affine maps", found.affine), ("removed", found.removed),
+                         ("replaced", found.replaced)):
         console.print(f"{label} ({len(items)}): {', '.join(items) if items else '-'}", highlight=False,
                       soft_wrap=True)

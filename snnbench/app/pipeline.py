@@ -2,13 +2,11 @@
 Training and calibration results are cached (sha256 + config key), so sweeps over methods or T share them
 and an interrupted run resumes from the last completed stage."""
 
-import io
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -17,15 +15,18 @@ from torch.utils.data import Dataset
 from snnbench.app.console import show_run
 from snnbench.app.devices import resolve_device
 from snnbench.app.models import build_model
-from snnbench.app.shards import check_shard, counts_of, per_image
+from snnbench.app.shards import check_shard
 from snnbench.app.train import evaluate, init_checkpoint_sha256, progress_bar, start_of_training, train, with_activation
 from snnbench.app.validate import check_values
-from snnbench.conversion import methods
+from snnbench.conversion import methods, saved
+from snnbench.core.analog import analog_values
 from snnbench.core.analysis import count_macs
 from snnbench.core.calibrate import Calibration, calibrate
-from snnbench.core.graph import canonicalize, device_of, trace, with_average_pooling
+from snnbench.core.convertible import check_convertible
+from snnbench.core.counts import costs, counts_of, tabulate
+from snnbench.core.graph import canonicalize, spiking_layer_names, trace, with_average_pooling
 from snnbench.errors import UserError
-from snnbench.io.cache import cached, config_hash, sha256_of
+from snnbench.io.cache import cached, code_version, config_hash, data_bytes, load_data, sha256_of
 from snnbench.io.checkpoints import load_checkpoint
 from snnbench.io.data import DataSplits, build_splits, identity, loader, seeded_subset, shard_of
 from snnbench.io.files import write_csv, write_json
@@ -50,10 +51,11 @@ def _container(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def _state_bytes(model) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getvalue()
+# The code that produces each kind of cache entry (paths in the snnbench package): its hash is part of the
+# entry's key (io.cache.code_version), so that an upgrade that changes it rebuilds the entry.
+ANN_CODE = ("app/train.py", "app/models.py", "models", "core", "io/data.py", "io/checkpoints.py")
+CALIBRATION_CODE = ("core", "models")
+CONVERSION_CODE = ("conversion", "core", "models", "simulation/simulate.py")
 
 
 def prepare_ann(cfg, model, splits, device):
@@ -69,7 +71,8 @@ def prepare_ann(cfg, model, splits, device):
                  if k not in ("checkpoint", "num_workers") and v is not None}
     if "init_checkpoint" in train_cfg:  # what a fine-tune starts from, by its content
         train_cfg["init_checkpoint"] = init_checkpoint_sha256(train_cfg["init_checkpoint"])
-    key = config_hash(dataset, _container(cfg.model), architecture(model), train_cfg, cfg.seed)
+    key = config_hash(dataset, _container(cfg.model), architecture(model), train_cfg, cfg.seed,
+                      code_version(*ANN_CODE))
     path = Path(cfg.cache_dir) / "ann" / f"{cfg.dataset.name}_{cfg.model.name}_{key}.pt"
     progress = path.with_suffix(".progress.pt")  # per-epoch state: an interrupted training resumes from it
 
@@ -88,18 +91,23 @@ def prepare_ann(cfg, model, splits, device):
     def load(p):
         return load_checkpoint(with_activation(build_ann(cfg), cfg.train), p)
 
-    ann, digest, was_cached = cached(path, key, build, _state_bytes, load)
-    progress.unlink(missing_ok=True)  # only now: the finished ANN is safely in the cache
+    ann, digest, was_cached = cached(path, key, build, lambda trained: data_bytes(trained.state_dict()), load)
     if was_cached:
         log.info("using cached ANN %s (trained once, shared by every run with this recipe)", path)
+    else:
+        progress.unlink(missing_ok=True)  # only now: the finished ANN is safely in the cache
     return ann.eval(), str(path), digest
 
 
 def architecture(model) -> str:
-    """What the model computes: its traced code, which calls what, and its modules with their settings and
-    parameter shapes (the repr), so that a changed class, or a max pooling become average pooling, changes the
-    cache key."""
-    return f"{trace(model).code}\n{model!r}"
+    """What the model computes besides its weights: its traced code, which calls what, its modules with their
+    settings and parameter shapes (the repr), and the buffers no checkpoint holds (the input normalisation's mean
+    and std), so that another class or normalisation for the same weights, or a max pooling become average
+    pooling, changes the cache key."""
+    persistent = model.state_dict()
+    unsaved = [f"{name} {list(buffer.shape)} {buffer.flatten().tolist()}"
+               for name, buffer in model.named_buffers() if name not in persistent]
+    return "\n".join([trace(model).code, repr(model), *unsaved])
 
 
 def calibration_images(cfg, splits):
@@ -127,9 +135,11 @@ def evaluated_images(cfg, splits):
     return shard_of(seeded_subset(scored, cfg.sim.num_samples, cfg.seed), cfg.sim.shard, cfg.sim.num_shards, cfg.seed)
 
 
-def calibrate_stage(cfg, ann, ann_sha, images, device) -> Calibration:
-    """Stage 2: percentile thresholds of every ReLU, cached per (ANN, calibration setting)."""
-    key = config_hash(ann_sha, identity(cfg.dataset), _container(cfg.calibrate), cfg.convert.maxpool, cfg.seed)
+def calibrate_stage(cfg, ann, ann_sha, images, device) -> tuple[Calibration, str]:
+    """Stage 2: percentile thresholds of every ReLU, cached per (ANN, calibration setting). Returns the calibration
+    and its cache entry's sha256."""
+    key = config_hash(ann_sha, architecture(ann), identity(cfg.dataset), _container(cfg.calibrate),
+                      cfg.convert.maxpool, cfg.seed, code_version(*CALIBRATION_CODE))
     path = Path(cfg.cache_dir) / "calibration" / f"{key}.pt"
 
     def build():
@@ -139,29 +149,15 @@ def calibrate_stage(cfg, ann, ann_sha, images, device) -> Calibration:
                          cfg.calibrate.rule)
 
     def save(calibration):
-        buffer = io.BytesIO()
-        torch.save(vars(calibration), buffer)
-        return buffer.getvalue()
+        return data_bytes(saved.calibration_as_data(calibration))
 
     def load(p):
-        return Calibration(**torch.load(p, map_location="cpu", weights_only=True))
+        return saved.calibration_from(load_data(p), spiking_layer_names(ann))
 
-    calibration, _, was_cached = cached(path, key, build, save, load)
+    calibration, digest, was_cached = cached(path, key, build, save, load)
     if was_cached:
         log.info("using cached calibration %s", path.name)
-    return calibration
-
-
-def tabulate(cfg, counts, calibration, snn, diagnostics) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """accuracy.csv (one row per t, counts cumulative up to t) and layers.csv (one row per spiking layer) from the
-    run's counts (shards.counts_of), as a merge of shards computes them."""
-    columns, counted = per_image(counts, calibration.neurons, cfg.sim.T)
-    accuracy = pd.DataFrame({"method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
-                             "t": range(1, cfg.sim.T + 1), **columns})
-    layers = pd.DataFrame([{"layer": name, "neurons": calibration.neurons[name],
-                            "threshold": snn.get_submodule(name).threshold.mean().item(),
-                            **counted[name], **diagnostics.get(name, {})} for name in counted])
-    return accuracy, layers
+    return calibration, digest
 
 
 @dataclass
@@ -176,6 +172,7 @@ class Prepared:
     calibration: Calibration        # of `ann`
     conversion: methods.Conversion  # the method's result
     times: dict[str, float]         # seconds of each stage
+    cache_entries: dict[str, str]   # sha256 of each cache entry used: ann (unless train.checkpoint), calibration, ...
 
 
 def build_ann(cfg: DictConfig) -> nn.Module:
@@ -185,35 +182,45 @@ def build_ann(cfg: DictConfig) -> nn.Module:
     return with_average_pooling(model) if cfg.convert.maxpool == "avg" else model
 
 
+def canonical_ann(cfg: DictConfig, model: nn.Module) -> nn.Module:
+    """The canonical network of `model` (cfg's, trained or loaded) that calibration, conversion and simulation
+    read; with the untrained model, what a canonical ANN's state_dict loads into (bench's engine processes)."""
+    return canonicalize(model.cpu(), cfg.convert.maxpool, cfg.convert.nonlinear).module
+
+
 def prepare(cfg: DictConfig, device: str) -> Prepared:
     """Check the config and the model (before any data is read or weights trained), then load the data, train or
     load the ANN, calibrate it and convert it with cfg.method."""
     validate(cfg)
     model = build_ann(cfg)
-    canonicalize(with_activation(model, cfg.train), cfg.convert.maxpool)  # refused now rather than after training
+    check_convertible(with_activation(model, cfg.train), cfg.dataset.channels, cfg.dataset.image_size,
+                      cfg.dataset.num_classes, cfg.convert.maxpool, cfg.convert.nonlinear)  # before training
     times, clock = {}, time.perf_counter()
     splits = build_splits(cfg.dataset, cfg.cache_dir)
     evaluated = evaluated_images(cfg, splits)
     trained, checkpoint, checkpoint_sha = prepare_ann(cfg, model, splits, device)
-    ann = canonicalize(trained.cpu(), cfg.convert.maxpool).module.to(device)  # the later stages run on the device
+    ann = canonical_ann(cfg, trained).to(device)  # the later stages run on the device
     times["time_train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     images = calibration_images(cfg, splits)
-    calibration = calibrate_stage(cfg, ann, checkpoint_sha, images, device)
+    calibration, calibration_sha = calibrate_stage(cfg, ann, checkpoint_sha, images, device)
     times["time_calibrate_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    conversion = convert_stage(cfg, ann, calibration, checkpoint_sha, images)
+    conversion, conversion_sha = convert_stage(cfg, ann, calibration, checkpoint_sha, images)
     times["time_convert_s"] = time.perf_counter() - clock
-    return Prepared(splits, evaluated, ann, checkpoint, checkpoint_sha, images, calibration, conversion, times)
+    entries = {**({} if cfg.train.checkpoint else {"ann": checkpoint_sha}), "calibration": calibration_sha,
+               "conversion": conversion_sha}
+    return Prepared(splits, evaluated, ann, checkpoint, checkpoint_sha, images, calibration, conversion, times,
+                    entries)
 
 
-def convert_stage(cfg, ann, calibration, ann_sha, images) -> methods.Conversion:
+def convert_stage(cfg, ann, calibration, ann_sha, images) -> tuple[methods.Conversion, str]:
     """Stage 3: the method's conversion, cached per (ANN, calibration data and setting, method knobs, T), so that
-    the shards of one evaluation and reruns share TTRBR's tuning."""
-    key = config_hash(ann_sha, identity(cfg.dataset), _container(cfg.calibrate), _container(cfg.convert),
-                      _container(cfg.method), cfg.sim.T, cfg.seed)
+    the shards of one evaluation and reruns share TTRBR's tuning. Saved as data (conversion.saved), rebuilt from
+    the canonical `ann`. Returns the conversion and its cache entry's sha256."""
+    key = conversion_key(cfg, ann, ann_sha)
     path = Path(cfg.cache_dir) / "conversion" / f"{cfg.method.name}_{key}.pt"
 
     def build():
@@ -221,18 +228,23 @@ def convert_stage(cfg, ann, calibration, ann_sha, images) -> methods.Conversion:
         return methods.get(cfg.method.name).convert(ann, calibration, cfg, images)
 
     def save(conversion):
-        buffer = io.BytesIO()
-        torch.save(conversion, buffer)
-        return buffer.getvalue()
+        return data_bytes(saved.as_data(conversion))
 
-    def load(p):  # a file this cache wrote, whose sha256 was checked against its record
-        conversion = torch.load(p, map_location=device_of(ann), weights_only=False)
-        return replace(conversion, snn=conversion.snn.to(device_of(ann)))
+    def load(p):
+        return saved.rebuilt(load_data(p), ann)
 
-    conversion, _, was_cached = cached(path, key, build, save, load)
+    conversion, digest, was_cached = cached(path, key, build, save, load)
     if was_cached:
         log.info("using cached conversion %s", path.name)
-    return conversion
+    return conversion, digest
+
+
+def conversion_key(cfg, ann, ann_sha) -> str:
+    """Everything a conversion depends on: the ANN (weights, code and normalisation), the data, the calibration,
+    convert and method settings, T, the seed and the code that converts."""
+    return config_hash(ann_sha, architecture(ann), identity(cfg.dataset), _container(cfg.calibrate),
+                       _container(cfg.convert), _container(cfg.method), cfg.sim.T, cfg.seed,
+                       code_version(*CONVERSION_CODE))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -249,7 +261,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
              f" (shard {cfg.sim.shard} of {cfg.sim.num_shards})" if cfg.sim.num_shards > 1 else "")
     snn, calibration, fan = conversion.snn, conversion.calibration, conversion.fan_out
     images = prepared.calibration_images
-    macs = count_macs(ann, images[0])
+    macs, analog = count_macs(ann, images[0]), analog_values(ann, images[0])
     checkpoint, checkpoint_sha = prepared.checkpoint, prepared.checkpoint_sha
 
     clock = time.perf_counter()
@@ -265,10 +277,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times["time_simulate_s"] = time.perf_counter() - clock
 
     counts = counts_of(result, fan, ann_accuracy)  # what `report` merges shards from
-    accuracy, layers = tabulate(cfg, counts, calibration, snn, conversion.diagnostics)
-    macs_per_image = sum(macs.values())
-    first_layer_macs = next(iter(macs.values())) if cfg.sim.coding == "direct" else 0
-    sops = accuracy.sops_per_image.iloc[-1]
+    accuracy, layers = tabulate(counts, calibration, snn, conversion.diagnostics, cfg.sim.T, method=cfg.method.name,
+                                dataset=cfg.dataset.name, model=cfg.model.name, analog=analog)
     summary = {
         "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
@@ -276,15 +286,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
         "engine": engine.engine, "sub_batch": engine.sub_batch, "chunk": engine.chunk, "blocks_at_once": engine.blocks,
         "channels_last": engine.layout == torch.channels_last, "integer_conv_min_depth": engine.integer_min_depth,
-        "macs_per_image": macs_per_image,
-        "events_per_image": float(accuracy.events_per_image.iloc[-1]),
-        "spike_units_per_image": float(accuracy.spike_units_per_image.iloc[-1]),
-        "sops_per_image": float(sops),
-        "energy_ann_uj": macs_per_image * cfg.energy.mac_pj * 1e-6,
-        # direct coding: the first layer multiplies the analog image once (its current is constant)
-        "energy_snn_uj": (sops * cfg.energy.ac_pj + first_layer_macs * cfg.energy.mac_pj) * 1e-6,
+        **costs(accuracy, macs, cfg.sim.coding, cfg.energy.mac_pj, cfg.energy.ac_pj, analog),
         **{k: round(v, 3) for k, v in times.items()},
-        "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha,
+        "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha, "cache_entries": prepared.cache_entries,
     }
     # summary.json, written last, marks a complete run: no CSV may outlive a failed or interrupted write
     (run_dir / "summary.json").unlink(missing_ok=True)

@@ -1,7 +1,6 @@
 """`snnbench report`: runs merged into comparison tables and plots."""
 
 import io
-import json
 import os
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pandas as pd
 from rich.table import Table
 
 from snnbench.app.console import console, milestones, results
-from snnbench.app.runs import FAILED_COLUMNS, find_runs, read_overrides, run_status
+from snnbench.app.runs import FAILED_COLUMNS, UnreadableRun, find_runs, read_run
 from snnbench.app.shards import merge_shards
 from snnbench.errors import UserError
 from snnbench.io.files import UMASK, atomic_write_bytes, write_csv
@@ -19,7 +18,8 @@ os.umask(UMASK)          # ... and put it back at once
 
 # ---- `snnbench report`: merge run folders into comparison tables and plots ----
 
-SUMMARY_COLUMNS = ("ann_accuracy", "T", "num_test_images", "split", "coding", "macs_per_image", "checkpoint_sha256")
+SUMMARY_COLUMNS = ("ann_accuracy", "T", "num_test_images", "split", "coding", "macs_per_image", "checkpoint_sha256",
+                   "event_driven_share")
 # one marker shape per line, drawn hollow: lines that coincide (methods that agree) stay visible on top of each other
 MARKERS = "osD^v<>ph*"
 # overrides that say where a run keeps its files or how fast it goes, not what it computes: report.csv keeps them,
@@ -29,17 +29,22 @@ NOT_PARAMETERS = ("cache_dir", "dataset.root", "dataset.download", "dataset.veri
 
 
 def collect(runs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """report.csv (one row per complete run x t, each override a column) and failed.csv (the other runs)."""
+    """report.csv (one row per complete run x t, each override a column) and failed.csv (the other runs: failed,
+    incomplete, or unreadable, with the file that cannot be read)."""
     frames, failed, swept = [], [], {}
     for run in runs:
-        status, overrides = run_status(run), read_overrides(run)
+        try:
+            files = read_run(run)
+        except UnreadableRun as err:
+            failed.append(unreadable_row(run, err))
+            continue
+        status, overrides = files.status, files.overrides
         if status != "complete":
-            error = json.loads((run / "error.json").read_text()).get("error", "") if status == "failed" else \
+            error = files.error if status == "failed" else \
                 "no summary.json: still running, or killed before it finished"
             failed.append({"run": str(run), "status": status, "error": error, **overrides})
             continue
-        summary = json.loads((run / "summary.json").read_text())
-        accuracy = pd.read_csv(run / "accuracy.csv")
+        summary, accuracy = files.summary, files.accuracy
         # method, dataset and model come from the run's own record, whatever the command line said
         overrides = {key: value for key, value in overrides.items() if key not in accuracy.columns}
         swept.update(dict.fromkeys(overrides))
@@ -51,6 +56,22 @@ def collect(runs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     tidy["label"] = label_runs(tidy, ["dataset", "model", *swept])
     first = ["run", "label", *swept]
     return tidy[first + [c for c in tidy.columns if c not in first]], failed
+
+
+def split_readable(runs: list[Path]) -> tuple[list[Path], list[dict]]:
+    """The runs whose files the report can read, and a failed.csv row for each of the others."""
+    readable, unreadable = [], []
+    for run in runs:
+        try:
+            read_run(run)
+            readable.append(run)
+        except UnreadableRun as err:
+            unreadable.append(unreadable_row(run, err))
+    return readable, unreadable
+
+
+def unreadable_row(run: Path, err: UnreadableRun) -> dict:
+    return {"run": str(run), "status": "unreadable", "error": f"{err}: the run is left out of the report"}
 
 
 def label_runs(tidy: pd.DataFrame, keys: list[str]) -> pd.Series:
@@ -97,15 +118,32 @@ def _figure(title: str, xlabel: str, ylabel: str, panels: int = 1):
     return figure, axes
 
 
-def save_figure(figure, stem: Path, formats) -> list[str]:
-    """`stem`.png / .pdf / .svg, one file per format; returns the names written."""
-    names = []
+def figure_files(figure, stem: Path, formats) -> dict[Path, bytes]:
+    """`stem`.png / .pdf / .svg, one file per format, as {path: content}."""
+    files = {}
     for file_format in formats:
         buffer = io.BytesIO()
         figure.savefig(buffer, format=file_format, dpi=120)
-        atomic_write_bytes(stem.with_suffix(f".{file_format}"), buffer.getvalue())
-        names.append(f"{stem.name}.{file_format}")
-    return names
+        files[stem.with_suffix(f".{file_format}")] = buffer.getvalue()
+    return files
+
+
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode()
+
+
+def write_all(files: dict[Path, bytes]):
+    """Write every file, or none: when one cannot be written, those this call wrote already are removed, so
+    that a report is never half new."""
+    written = []
+    try:
+        for path, data in files.items():
+            atomic_write_bytes(path, data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def subject(tidy: pd.DataFrame) -> str:
@@ -113,7 +151,7 @@ def subject(tidy: pd.DataFrame) -> str:
     return ", ".join(dict.fromkeys(tidy.dataset + " / " + tidy.model))
 
 
-def plot_accuracy_vs_t(tidy: pd.DataFrame, pivot: pd.DataFrame, stem: Path, formats) -> list[str]:
+def plot_accuracy_vs_t(tidy: pd.DataFrame, pivot: pd.DataFrame, stem: Path, formats) -> dict[Path, bytes]:
     figure, (axes,) = _figure(f"SNN accuracy vs latency: {subject(tidy)}", "time steps t", "test accuracy (%)")
     for number, label in enumerate(pivot.columns):
         axes.plot(pivot.index, 100 * pivot[label], marker=MARKERS[number % len(MARKERS)], fillstyle="none",
@@ -126,10 +164,10 @@ def plot_accuracy_vs_t(tidy: pd.DataFrame, pivot: pd.DataFrame, stem: Path, form
     ticks = milestones(int(pivot.index.max()))
     axes.set_xticks(ticks, labels=[str(t) for t in ticks])
     axes.legend()
-    return save_figure(figure, stem, formats)
+    return figure_files(figure, stem, formats)
 
 
-def plot_accuracy_vs_sops(tidy: pd.DataFrame, stem: Path, formats) -> list[str]:
+def plot_accuracy_vs_sops(tidy: pd.DataFrame, stem: Path, formats) -> dict[Path, bytes]:
     """The energy view: accuracy against synaptic operations spent per image up to t (the ANN at its MACs)."""
     figure, (axes,) = _figure(f"accuracy vs synaptic operations: {subject(tidy)}",
                               "operations per image (SNN: SOPs up to t)", "test accuracy (%)")
@@ -141,10 +179,10 @@ def plot_accuracy_vs_sops(tidy: pd.DataFrame, stem: Path, formats) -> list[str]:
                   linestyle="none", label=f"{ann.name} ({ann.macs_per_image:,.0f} MACs)")
     axes.set_xscale("log")
     axes.legend()
-    return save_figure(figure, stem, formats)
+    return figure_files(figure, stem, formats)
 
 
-def plot_firing_rates(tidy: pd.DataFrame, stem: Path, formats) -> list[str]:
+def plot_firing_rates(tidy: pd.DataFrame, stem: Path, formats) -> dict[Path, bytes]:
     """Events per neuron per step in each spiking layer: one panel per complete run in `tidy`, titled with its
     label, on one rate scale."""
     runs = tidy.drop_duplicates("run")
@@ -156,7 +194,7 @@ def plot_firing_rates(tidy: pd.DataFrame, stem: Path, formats) -> list[str]:
         axes.bar(layers.layer, layers.firing_rate)
         axes.set_title(run.label, fontsize="medium")
         axes.tick_params(axis="x", labelrotation=45)
-    return save_figure(figure, stem, formats)
+    return figure_files(figure, stem, formats)
 
 
 def show_pivot(tidy: pd.DataFrame, pivot: pd.DataFrame):
@@ -182,9 +220,10 @@ def build_report(dirs, out, formats=("png",)):
         raise UserError(f"--format takes {', '.join(FORMATS)} (comma-separated, e.g. png,pdf), got "
                         f"{','.join(formats)!r}")
 
-    runs, unmerged = merge_shards(find_runs(dirs), out)  # each complete set of shards as one run
+    readable, unreadable = split_readable(find_runs(dirs))
+    runs, unmerged = merge_shards(readable, out)  # each complete set of shards as one run
     tidy, failed = collect(runs)
-    failed = pd.concat([failed, unmerged], ignore_index=True)
+    failed = pd.concat([pd.DataFrame(unreadable, columns=FAILED_COLUMNS), failed, unmerged], ignore_index=True)
     write_csv(out / "failed.csv", failed)  # always written, so a stale list never outlives its fix
     for run in failed.itertuples():
         console.print(f"[red]{run.status}:[/red] {run.run}: {run.error}", highlight=False, soft_wrap=True)
@@ -192,11 +231,12 @@ def build_report(dirs, out, formats=("png",)):
         raise UserError(f"no complete runs in {', '.join(map(str, dirs))}: {len(failed)} failed or incomplete "
                         f"(listed in {out / 'failed.csv'})")
     pivot = pivot_accuracy(tidy)
-    write_csv(out / "report.csv", tidy)
-    write_csv(out / "accuracy_vs_t.csv", pivot.reset_index())
-    plots = [*plot_accuracy_vs_t(tidy, pivot, out / "accuracy_vs_t", formats),
-             *plot_accuracy_vs_sops(tidy, out / "accuracy_vs_sops", formats),
-             *plot_firing_rates(tidy, out / "firing_rates", formats)]
+    plots = {**plot_accuracy_vs_t(tidy, pivot, out / "accuracy_vs_t", formats),
+             **plot_accuracy_vs_sops(tidy, out / "accuracy_vs_sops", formats),
+             **plot_firing_rates(tidy, out / "firing_rates", formats)}
+    write_all({out / "report.csv": csv_bytes(tidy), out / "accuracy_vs_t.csv": csv_bytes(pivot.reset_index()),
+               **plots})
     show_pivot(tidy, pivot)
-    console.print(f"{tidy.run.nunique()} complete and {len(failed)} failed or incomplete runs: report.csv, "
-                  f"accuracy_vs_t.csv, {', '.join(plots)}, failed.csv in {out}", highlight=False, soft_wrap=True)
+    console.print(f"{tidy.run.nunique()} complete and {len(failed)} failed, incomplete or unreadable runs: "
+                  f"report.csv, accuracy_vs_t.csv, {', '.join(path.name for path in plots)}, failed.csv in {out}",
+                  highlight=False, soft_wrap=True)

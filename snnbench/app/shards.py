@@ -11,6 +11,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from snnbench.app.runs import FAILED_COLUMNS, read_overrides, run_status
+from snnbench.core.counts import event_driven_share, per_image
 from snnbench.errors import UserError
 from snnbench.io.files import atomic_write_bytes, write_csv, write_json
 
@@ -28,40 +29,6 @@ def check_shard(shard, num_shards):
     if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards:
         raise UserError(f"sim.shard must be an integer from 0 to sim.num_shards - 1 = {num_shards - 1}, got "
                         f"{shard!r}: run the shards as `-m sim.shard=range(0,{num_shards})`")
-
-
-def counts_of(result, fan: dict, ann_accuracy: float) -> dict:
-    """counts.json: the sums over a run's images behind its per-image numbers, per t (cumulative, like accuracy.csv)
-    and per spiking layer. Events and spike units are integers, so the shards' sums add up exactly."""
-    n = result.num_images
-    sops = sum(result.events[name] * fan[name] for name in result.events)
-    return {
-        "num_images": n,
-        "ann_correct": round(ann_accuracy * n),  # the accuracy is correct / n: rounding recovers the count
-        "steps": {"correct": result.correct.tolist(),
-                  "events": sum(result.events.values()).cumsum(0).tolist(),
-                  "spike_units": sum(result.units.values()).cumsum(0).tolist(),
-                  "sops": sops.cumsum(0).tolist()},
-        "layers": {name: {"events": result.events[name].sum().item(), "spike_units": result.units[name].sum().item(),
-                          "fan_out": fan[name]} for name in result.events},
-    }
-
-
-def per_image(counts: dict, neurons: dict, T: int) -> tuple[dict, dict]:
-    """The per-image numbers of a run, or of merged shards, from its counts: accuracy.csv's columns over t, and
-    per spiking layer (`neurons` per image) layers.csv's counted columns. One formula for both."""
-    n = max(counts["num_images"], 1)
-    steps = counts["steps"]
-    columns = {"accuracy": [correct / n for correct in steps["correct"]],
-               "events_per_image": [events / n for events in steps["events"]],
-               "spike_units_per_image": [units / n for units in steps["spike_units"]],
-               "sops_per_image": [sops / n for sops in steps["sops"]]}
-    layers = {}
-    for name, layer in counts["layers"].items():
-        events = layer["events"] / n
-        layers[name] = {"events_per_image": events, "spike_units_per_image": layer["spike_units"] / n,
-                        "firing_rate": events / (neurons[name] * T), "sops_per_image": events * layer["fan_out"]}
-    return columns, layers
 
 
 def _read_json(path: Path) -> dict:
@@ -170,7 +137,8 @@ def merge(shards: list[Path], target: Path) -> Path:
                                  summaries[0]["T"])
     accuracy = pd.read_csv(shards[0] / "accuracy.csv")[["method", "dataset", "model", "t"]].assign(**columns)
     for column in COUNTED_LAYER_COLUMNS:
-        layers[column] = [counted[name][column] for name in layers.layer]
+        layers[column] = [counted[name][column] if name in counted else None  # analog operators: no spikes
+                          for name in layers.layer]
 
     last = accuracy.iloc[-1]
     summary = {
@@ -181,6 +149,9 @@ def merge(shards: list[Path], target: Path) -> Path:
         "sops_per_image": float(last.sops_per_image),
         # affine in SOPs per image, so the image-weighted mean of the shards' energies is the whole run's
         "energy_snn_uj": sum(s["energy_snn_uj"] * c["num_images"] for s, c in zip(summaries, counts, strict=True)) / n,
+        **({"event_driven_share": event_driven_share(float(last.sops_per_image), summaries[0]["analog_macs_per_image"],
+                                                     summaries[0]["analog_fed_macs_per_image"])}
+           if "event_driven_share" in summaries[0] else {}),  # not in runs made before it was reported
         # the time every shard spent: what the run cost in all
         **{key: round(sum(s[key] for s in summaries), 3) for key in summaries[0] if key.startswith("time_")},
         "merged_from": [str(run) for run in shards],

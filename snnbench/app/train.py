@@ -1,6 +1,6 @@
 """Training and evaluation of the ANN, and the checkpoint cache shared by every run with the same recipe."""
 
-import io
+import copy
 import logging
 import math
 from pathlib import Path
@@ -14,7 +14,7 @@ from snnbench.app.console import console
 from snnbench.core.calibrate import calibrate
 from snnbench.core.graph import RELU_FUNCTIONS, RELU_METHODS, replace_modules, trace
 from snnbench.errors import UserError
-from snnbench.io.cache import sha256_of
+from snnbench.io.cache import data_bytes, load_data, sha256_of
 from snnbench.io.checkpoints import load_checkpoint
 from snnbench.io.files import atomic_write_bytes
 from snnbench.models.qcfs import QCFS
@@ -166,21 +166,32 @@ def _random_states(generator, device) -> dict:
 
 
 def _save_progress(path: Path, epoch: int, parts: dict, generator, device):
-    buffer = io.BytesIO()
-    torch.save({"epoch": epoch, "random": _random_states(generator, device),
-                **{name: part.state_dict() for name, part in parts.items()}}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, data_bytes({"epoch": epoch, "random": _random_states(generator, device),
+                                         **{name: part.state_dict() for name, part in parts.items()}}))
 
 
 def _resume(path: Path, parts: dict, generator, device) -> int:
-    """Restore the state saved after the last finished epoch; returns that epoch (0: start afresh)."""
+    """Restore the state saved after the last finished epoch; returns that epoch (0: start afresh). A progress
+    file that cannot be read or does not fit (damaged, of another layout or model) costs the epochs it held,
+    never a wrong model: training restarts, from exactly the state it started from."""
     if not path.exists():
         return 0
+    start = {**{name: copy.deepcopy(part.state_dict()) for name, part in parts.items()},
+             "random": _random_states(generator, device)}
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged progress file costs the epochs it held, never a wrong model
+        saved = load_data(path)
+        _restore(saved, parts, generator, device)
+        if isinstance(saved["epoch"], bool) or not isinstance(saved["epoch"], int) or saved["epoch"] < 1:
+            raise ValueError(f"epoch {saved['epoch']!r}")
+    except Exception as err:
+        _restore(start, parts, generator, device)
         log.warning("cannot resume training from %s (%s): starting from epoch 1", path, type(err).__name__)
         return 0
+    log.info("resuming training after epoch %d (saved in %s)", saved["epoch"], path)
+    return saved["epoch"]
+
+
+def _restore(saved: dict, parts: dict, generator, device):
     for name, part in parts.items():
         part.load_state_dict(saved[name])
     torch.set_rng_state(saved["random"]["cpu"])
@@ -188,7 +199,5 @@ def _resume(path: Path, parts: dict, generator, device) -> int:
         generator.set_state(saved["random"]["loader"])
     if "cuda" in saved["random"] and torch.device(device).type == "cuda":
         torch.cuda.set_rng_state(saved["random"]["cuda"])
-    log.info("resuming training after epoch %d (saved in %s)", saved["epoch"], path)
-    return saved["epoch"]
 
 

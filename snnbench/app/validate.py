@@ -70,6 +70,7 @@ def check_values(cfg):
                "calibrate.rule": (cfg.calibrate.rule, CALIBRATION_RULES),
                "sim.split": (cfg.sim.split, ("test", "train")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
+               "convert.nonlinear": (cfg.convert.nonlinear, ("refuse", "compensate")),
                "model.pool": (cfg.model.get("pool", "avg"), ("avg", "max")),
                "train.optimizer": (cfg.train.optimizer, ("sgd", "adamw"))}
     for key, (value, allowed) in choices.items():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from snnbench.core.graph import unique_name
+from snnbench.core.graph import ClippedReLU, unique_name
 from snnbench.errors import UserError
 
 KINDS = ("none", "shortcut_neuron", "merged", "split")
@@ -82,8 +82,10 @@ def restructure(model: torch.fx.GraphModule, kind: str, copies: int, example: to
     if kind == "none":
         return gm
     modules = dict(gm.named_modules())
-    residual = [node for node in gm.graph.nodes if node.op == "call_module"
-                and isinstance(modules[node.target], nn.ReLU) and _is_addition(node.args[0])]
+    # a clipped ReLU after an addition stays as it is: the rewrites compute unclipped ReLUs
+    residual = [node for node in gm.graph.nodes if node.op == "call_module" and isinstance(
+        modules[node.target], nn.ReLU) and not isinstance(modules[node.target], ClippedReLU)
+        and _is_addition(node.args[0])]
     if not residual and kind != "split":  # split has nothing to split in a network without additions
         raise UserError(f"method.restructure={kind} rewrites the neurons after residual additions, and this model "
                         "has none: use method.restructure=none")

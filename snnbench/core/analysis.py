@@ -1,15 +1,21 @@
 """What a canonical network costs: synapses per neuron (fan-out) and multiply-accumulates per image."""
 
+import math
+
 import torch
 from torch import nn
 
+from snnbench.core.analog import Analog
 from snnbench.core.graph import device_of, trace
+
+CONVS = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
 def fan_out(model: nn.Module) -> dict[str, float]:
     """Synapses per neuron of each ReLU layer of a canonical network: for every conv it reaches through linear
-    ops (pooling, padding, additions, flattening) C_out * k^2 / stride^2, for a linear layer its outputs, and 1
-    for an identity path into another neuron (a residual shortcut)."""
+    ops (pooling, padding, additions, flattening, affine maps) C_out / groups * k^2 / stride^2 (a depthwise conv:
+    k^2 / stride^2), for a linear layer its outputs, and 1 for an identity path into another neuron (a residual
+    shortcut)."""
     modules = dict(model.named_modules())
     result = {}
     for node in trace(model).graph.nodes:
@@ -22,12 +28,11 @@ def fan_out(model: nn.Module) -> dict[str, float]:
                 continue
             seen.add(user)
             target = modules.get(user.target) if user.op == "call_module" else None
-            if isinstance(target, nn.Conv2d):
-                kh, kw = target.kernel_size
-                total += target.out_channels * kh * kw / (target.stride[0] * target.stride[1])
+            if isinstance(target, nn.modules.conv._ConvNd):
+                total += _conv_fan_out(target)
             elif isinstance(target, nn.Linear):
                 total += target.out_features
-            elif isinstance(target, nn.ReLU):
+            elif isinstance(target, nn.ReLU | Analog):  # an analog operator adds each input to its running sum
                 total += 1.0
             elif user.op != "output":
                 frontier.extend(user.users)
@@ -35,20 +40,28 @@ def fan_out(model: nn.Module) -> dict[str, float]:
     return result
 
 
+def _conv_fan_out(conv: nn.modules.conv._ConvNd) -> float:
+    """Synapses from one input of `conv`: each output channel of its group, over the kernel's positions that
+    cover it (a transposed conv scatters each input over the whole kernel)."""
+    per_group = conv.out_channels / conv.groups * math.prod(conv.kernel_size)
+    return per_group if conv.transposed else per_group / math.prod(conv.stride)
+
+
 @torch.inference_mode()
 def count_macs(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per image of every conv / linear layer, measured with forward hooks."""
+    """Multiply-accumulates per image of every conv / linear layer (a grouped conv: in_channels / groups per
+    output), measured with forward hooks."""
     macs, hooks = {}, []
 
     def hook(name):
         def record(module, inputs, output):
-            per_output = (module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-                          if isinstance(module, nn.Conv2d) else module.in_features)
+            per_output = (module.in_channels // module.groups * math.prod(module.kernel_size)
+                          if isinstance(module, CONVS) else module.in_features)
             macs[name] = output[0].numel() * per_output
         return record
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
+        if isinstance(module, CONVS | nn.Linear):
             hooks.append(module.register_forward_hook(hook(name)))
     model.eval()(sample[:1].to(device_of(model)))
     for h in hooks:

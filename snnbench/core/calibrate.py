@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from snnbench.core.graph import device_of, spiking_layer_names
+from snnbench.core.analog import signed_layers
+from snnbench.core.graph import ClippedReLU, device_of, spiking_layer_names
 from snnbench.errors import UserError
 
 SAMPLES_PER_BATCH = 100_000  # activations kept per layer and batch for the percentile (quantile's size limit)
@@ -55,13 +56,15 @@ def calibrate(model: nn.Module, batches, percentile: float, per_channel: bool, d
     model = model.eval().to(device)
     if rule == "local_balancing":
         return balance(model, batches, per_channel, device)
-    names = spiking_layer_names(model)
+    names, signed = spiking_layer_names(model), signed_layers(model)
     generator = torch.Generator().manual_seed(seed)
     samples = {name: [] for name in names}
     maxima, neurons = {}, {}
     for images in batches:
         for name, act in record_activations(model, names, images.to(device)).items():
             act = act.float().cpu()
+            if name in signed:  # a signed neuron spikes at +-threshold: its threshold sizes the magnitude
+                act = act.abs()
             neurons[name] = act[0].numel()
             channel_major = act.transpose(0, 1).reshape(act.shape[1], -1) if per_channel else act.reshape(1, -1)
             batch_max = channel_major.amax(dim=1)
@@ -96,7 +99,9 @@ def balance(model: nn.Module, batches, per_channel: bool, device) -> Calibration
             shape = [1, -1, *[1] * (output.dim() - 2)] if per_channel else []
             threshold = thresholds.get(name, output.new_zeros(output.shape[1] if per_channel else ()))
             overflow = torch.relu(output - threshold.view(shape)).mean(reduced)
-            thresholds[name] = (threshold + 2 * overflow).clamp(min=BALANCING_EPS)
+            # a clipped ReLU's threshold never exceeds its clip (where its activation saturates)
+            clip = module.clip if isinstance(module, ClippedReLU) else None
+            thresholds[name] = (threshold + 2 * overflow).clamp(min=BALANCING_EPS, max=clip)
             neurons[name] = output[0].numel()
             return torch.minimum(output, thresholds[name].view(shape))
         hooks.append(model.get_submodule(name).register_forward_hook(grow_and_clip))
@@ -114,10 +119,10 @@ def balance(model: nn.Module, batches, per_channel: bool, device) -> Calibration
 def neuron_maxima(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     """Each spiking layer's largest activation of every neuron (shaped like one sample) on the calibration
     images; a neuron that never fired gets its layer's largest, a threshold it will not reach anyway."""
-    names = spiking_layer_names(model)
+    names, signed = spiking_layer_names(model), signed_layers(model)
     maxima = {}
     for images in batches:
         for name, activation in record_activations(model, names, images.to(device_of(model))).items():
-            top = activation.amax(0)
+            top = (activation.abs() if name in signed else activation).amax(0)
             maxima[name] = torch.maximum(maxima[name], top) if name in maxima else top
     return {name: torch.where(top > 0, top, top.max().clamp(min=1e-3)) for name, top in maxima.items()}

@@ -1,11 +1,19 @@
 """The traced graph. `canonicalize` traces a model once (torch.fx) and rewrites it into the canonical network that
-every later stage reads: each ReLU call site (a module, also reused or in-place, `F.relu`, `torch.relu`,
-`Tensor.relu` / `relu_`) is a ReLU module of its own with a stable name, the spiking layer it becomes;
-BatchNorm is folded into the conv / linear layer that feeds it; Dropout is gone; max pooling is refused or
-replaced by average pooling. Every other node must be a linear map (conv, linear, pooling, flatten, addition,
-concatenation, padding, slicing, reshaping, identity, scaling by a constant), or the model is refused naming
-the node. Also here: fan-out and MAC counts, which read the canonical graph."""
+every later stage reads. Only nodes whose value depends on the input's values are judged (value_nodes: sizes,
+arithmetic and assertions on sizes pass through); kind_of says what each is:
+- a ReLU-family activation, each call site (a module, also reused or in-place, or a function / method) a spiking
+  layer of its own with a stable name: a ReLU an nn.ReLU, a clipped ReLU (ReLU6, hardtanh(0, a), clamp(0, a)) a
+  ClippedReLU that knows its clip, a leaky ReLU / PReLU the pair max(x, 0) - slope * max(-x, 0) of two ReLU layers;
+- a linear map (conv, linear, pooling, flattening, addition, concatenation, padding, slicing, reshaping,
+  interpolation, scaling by a constant; module, function and method forms), kept as it is;
+- BatchNorm, an affine map: folded into the conv / linear layer that feeds it, or kept where it follows anything
+  else; Dropout, removed; max pooling, refused or replaced by average pooling; a softmax, log_softmax or sigmoid
+  that ends a classifier, removed (the argmax is the same);
+- anything else is nonlinear: refused naming the node and convert.nonlinear=compensate (nonlinear_refusal, the one
+  place such a node is judged), or left to snnbench.core.compensate with that option.
+Any unexpected failure while rewriting a node is refused naming the node."""
 
+import contextlib
 import copy
 import operator
 import os
@@ -19,41 +27,125 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from snnbench.core.neurons import IFNeuron
+from snnbench.core.analog import Analog, Reencode, computes_analog
+from snnbench.core.stepped import Stepped
 from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
 from snnbench.models.qcfs import QCFS
 
 RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu_: "F.relu_"}
 RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
+# clip(x, lower, upper), a clipped ReLU when the lower end is 0 (and a ReLU without an upper end)
+HARDTANH_FUNCTIONS = {F.hardtanh: "F.hardtanh", F.hardtanh_: "F.hardtanh_", F.relu6: "F.relu6"}
+CLAMP_FUNCTIONS = {torch.clamp: "torch.clamp", torch.clip: "torch.clip", torch.clamp_: "torch.clamp_",
+                   torch.clamp_min: "torch.clamp_min", torch.clamp_min_: "torch.clamp_min_"}
+CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_"}
+LEAKY_FUNCTIONS = {F.leaky_relu: "F.leaky_relu", F.leaky_relu_: "F.leaky_relu_", F.prelu: "F.prelu",
+                   torch.prelu: "torch.prelu"}
 DROPOUT_AS_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
                       F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
                       F.feature_alpha_dropout: nn.FeatureAlphaDropout}
 DROPOUT_FUNCTIONS = set(DROPOUT_AS_MODULES)
 DROPOUT_MODULES = tuple(DROPOUT_AS_MODULES.values())
-MAX_POOLS = {nn.MaxPool2d: "nn.MaxPool2d", nn.AdaptiveMaxPool2d: "nn.AdaptiveMaxPool2d"}
-MAX_POOL_FUNCTIONS = {F.max_pool2d: "F.max_pool2d", F.adaptive_max_pool2d: "F.adaptive_max_pool2d"}
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+MAX_POOL_FUNCTIONS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d,
+                      F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d}
+POOL_OPTIONS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+ADAPTIVE_POOL_OPTIONS = ("output_size", "return_indices")
 # the linear maps a spiking network computes as they are, once per chunk of time steps
-LINEAR_MODULES = (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Identity,
-                  nn.ZeroPad2d, Normalize)
-LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.neg, operator.getitem, torch.add, torch.sub, torch.cat,
-                    torch.flatten, torch.mean, torch.sum, torch.reshape, F.avg_pool2d, F.adaptive_avg_pool2d, getattr}
-LINEAR_METHODS = {"add", "add_", "sub", "view", "reshape", "flatten", "size", "contiguous", "mean", "sum", "squeeze",
-                  "unsqueeze", "permute", "transpose", "expand_as", "chunk", "split"}
-SCALINGS = {operator.mul, operator.truediv, torch.mul, torch.div}  # linear when the other operand is a constant
-IN_PLACE_METHODS = {"relu_", "add_"}
+LINEAR_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten,
+                  nn.Identity, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.Upsample, nn.PixelShuffle,
+                  nn.PixelUnshuffle, nn.ChannelShuffle, Normalize)
+LINEAR_FUNCTIONS = {operator.add, operator.sub, operator.neg, operator.pos, operator.getitem, torch.add, torch.sub,
+                    torch.neg, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.flatten, torch.mean,
+                    torch.sum, torch.reshape, torch.split, torch.chunk, torch.unbind, torch.transpose,
+                    torch.permute, torch.movedim, torch.swapaxes, torch.squeeze, torch.unsqueeze, torch.narrow,
+                    torch.flip, torch.roll, torch.t, torch.channel_shuffle, F.avg_pool1d, F.avg_pool2d,
+                    F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                    F.interpolate, F.upsample, F.pixel_shuffle, F.pixel_unshuffle, getattr}
+LINEAR_METHODS = {"add", "add_", "sub", "sub_", "neg", "view", "view_as", "reshape", "reshape_as", "flatten",
+                  "contiguous", "clone", "mean", "sum", "squeeze", "unsqueeze", "permute", "transpose", "t",
+                  "movedim", "swapaxes", "expand", "expand_as", "repeat", "chunk", "split", "unbind", "narrow",
+                  "flip", "roll", "select"}
+# linear in their first argument when the weights (every other tensor argument) are constants
+WEIGHTED_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                      F.conv_transpose3d}
+WEIGHT_LAYER_FUNCTIONS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+SCALINGS = {operator.mul, operator.truediv, operator.matmul, torch.mul, torch.div, torch.matmul}
+SCALING_METHODS = {"mul", "mul_", "div", "div_", "matmul"}
+DIVISIONS = {operator.truediv, torch.div, "div", "div_"}
+# the network's output through these is the same argmax: removed where they end a classifier
+MONOTONE_ENDINGS = {F.softmax: "F.softmax", torch.softmax: "torch.softmax", F.log_softmax: "F.log_softmax",
+                    torch.log_softmax: "torch.log_softmax", torch.sigmoid: "torch.sigmoid", F.sigmoid: "F.sigmoid"}
+MONOTONE_ENDING_METHODS = {"softmax", "log_softmax", "sigmoid"}
+MONOTONE_ENDING_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)
+# nodes that read a tensor's size, not its values
+SIZE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device"}
+SIZE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
+IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_, torch.clamp_, torch.clamp_min_}
+
+# what a node is (kind_of); every later stage reads the canonical graph these become
+PASSES = "passes"            # the input, constants, operations on sizes: nothing to convert
+ACTIVATION = "activation"    # ReLU, clipped ReLU, leaky ReLU: spiking layers
+LINEAR = "linear"
+AFFINE = "affine"            # BatchNorm: folded into the conv / linear layer before it, or kept as it is
+DROPOUT = "dropout"
+MAX_POOL = "max_pool"
+ENDING = "ending"            # softmax / log_softmax / sigmoid that ends a classifier
+NONLINEAR = "nonlinear"      # none of these: no exact spiking form
+
+
+class ClippedReLU(nn.ReLU):
+    """min(max(x, 0), clip) (ReLU6, hardtanh(0, a), clamp(x, 0, a)): a spiking layer whose neurons' threshold never
+    exceeds the clip, so that their rate saturates where the activation does."""
+
+    def __init__(self, clip: float):
+        super().__init__()
+        self.clip = float(clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, 0.0, self.clip)
+
+    def extra_repr(self) -> str:
+        return f"clip={self.clip:g}"
+
+
+class ChannelScale(nn.Module):
+    """x times a constant per channel (dim 1), or one constant: the slope of a leaky ReLU's negative part."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale if self.scale.dim() == 0 or x.dim() < 3 else self.scale.view(-1, *[1] * (x.dim() - 2))
+        return x * scale
+
+
+LINEAR_MODULES = (*LINEAR_MODULES, ChannelScale)
+
+
+@dataclass
+class Activation:
+    """A ReLU-family call: max(x, 0), clipped at `clip` (None: not clipped), with `slope` times x below 0 (None:
+    0)."""
+    origin: str                               # the call, as inspect shows it
+    clip: float | None = None
+    slope: float | torch.Tensor | None = None
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with the source line of every node; snnbench's input normalisation, QCFS activations
-    and spiking neurons stay one call each."""
+    """torch.fx's tracer, with the source line of every node; snnbench's input normalisation, QCFS activations,
+    clipped ReLUs and channel scales, spiking neurons and analog operators stay one call each."""
 
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
 
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return isinstance(module, Normalize | QCFS | IFNeuron) or super().is_leaf_module(module, name)
+        return (isinstance(module, Normalize | QCFS | ClippedReLU | ChannelScale | Stepped | Analog | Reencode)
+                or super().is_leaf_module(module, name))
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -61,9 +153,9 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
         graph = _Tracer().trace(model)
     except Exception as err:  # control flow on tensor values, unsupported Python, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"torch.fx cannot trace {type(model).__name__} ({first}): snnbench converts models whose "
-                        "forward has no control flow that depends on tensor values; see docs/models.md") from err
+        raise UserError(f"torch.fx cannot trace {type(model).__name__} ({_first_line(err)}): snnbench converts "
+                        "models whose forward has no control flow that depends on tensor values; see "
+                        "docs/models.md") from err
     return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
@@ -73,47 +165,114 @@ class CanonicalGraph:
     module: torch.fx.GraphModule
     layers: dict[str, str]                             # spiking layer name -> the call it came from
     folded: list[str] = field(default_factory=list)    # "bn -> conv" for each BatchNorm folded
-    removed: list[str] = field(default_factory=list)   # Dropout calls
+    removed: list[str] = field(default_factory=list)   # Dropout calls, and the softmax that ends a classifier
     replaced: list[str] = field(default_factory=list)  # max poolings swapped for average pooling
+    affine: list[str] = field(default_factory=list)    # BatchNorms kept as affine maps (not after a conv / linear)
+    analog: dict[str, str] = field(default_factory=dict)  # analog operator -> the call it came from (compensate)
 
 
-def canonicalize(model: nn.Module, maxpool: str = "error") -> CanonicalGraph:
+def canonicalize(model: nn.Module, maxpool: str = "error", nonlinear: str = "refuse") -> CanonicalGraph:
     """The canonical network of `model` in eval mode (a new module; `model` is not changed). `maxpool`: 'error'
     refuses max pooling, 'avg' replaces it by average pooling. Refuses, naming the node, any operation that is
-    neither a ReLU nor a linear map."""
-    model = copy.deepcopy(model).eval()
+    neither a ReLU-family activation nor a linear or affine map; any failure while rewriting a node is refused
+    the same way."""
+    name = type(model).__name__
+    try:
+        model = copy.deepcopy(model).eval()
+    except Exception as err:
+        raise UserError(f"cannot convert {name}: it cannot be copied ({_first_line(err)})") from err
     # a model traced already (snnbench puts the input normalisation in front that way) keeps its graph, whose
     # nodes know the user's source lines
     gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
-    modules = dict(gm.named_modules())
-    refusal = first_refused_node(gm, maxpool)
+    refusal = first_refused_node(gm, maxpool, nonlinear)
     if refusal:
         raise UserError(refusal)
     result = CanonicalGraph(gm, {})
-    graph = gm.graph
-    for node in list(graph.nodes):
+    modules, values = dict(gm.named_modules()), value_nodes(gm.graph)
+    for node in list(gm.graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
-        if _is_in_place(node, module):
-            _later_users_read(node)
-        if isinstance(module, DROPOUT_MODULES) or (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
-            result.removed.append(_describe(node, module))
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-        elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-            source = node.args[0]
-            layer = modules[source.target]
-            fuse = fuse_conv_bn_eval if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval
-            _set_module(gm, source.target, fuse(layer, module))
-            result.folded.append(f"{node.target} -> {source.target}")
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-        elif _max_pool(node, module) is not None:
-            result.replaced.append(_replace_max_pool(gm, node, module))
+        with _refused_if_failing(node, module):
+            _rewrite(gm, node, module, kind_of(node, module, values), modules, result)
     _name_spiking_layers(gm, result)
-    graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+    if nonlinear == "compensate":  # convert.nonlinear=compensate: analog operators and their re-encoding layers
+        from snnbench.core.compensate import compensate  # imports this module's naming
+
+        compensate(gm, result)
+    try:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    except Exception as err:
+        raise UserError(f"cannot convert {name}: its rewritten graph is invalid ({_first_line(err)}); please "
+                        "report this with the model") from err
     return result
+
+
+def _rewrite(gm, node, module, kind, modules, result: CanonicalGraph):
+    """Rewrite one node of the traced graph as the canonical network has it (activations: _name_spiking_layers)."""
+    graph = gm.graph
+    if kind != PASSES and _is_in_place(node, module):
+        _later_users_read(node)
+    if kind == DROPOUT:
+        result.removed.append(_describe(node, module))
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+    elif kind == ENDING:
+        result.removed.append(f"{_describe(node, module)}{_source_line(node)}, which ends the classifier (the "
+                              "argmax is the same without it)")
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+    elif kind == AFFINE and _foldable_into(node, module, modules, gm) is not None:
+        source = node.args[0]
+        layer = modules[source.target]
+        fuse = fuse_conv_bn_eval if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval
+        _set_module(gm, source.target, fuse(layer, module))
+        result.folded.append(f"{node.target} -> {source.target}")
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+    elif kind == AFFINE:
+        if module is None and len(node.args) > 5:  # F.batch_norm: the running statistics, as in eval mode
+            node.update_arg(5, False)
+        elif module is None:
+            node.update_kwarg("training", False)
+        result.affine.append(f"{_describe(node, module)}{_source_line(node)}")
+    elif kind == MAX_POOL:
+        result.replaced.append(_replace_max_pool(gm, node, module))
+    elif kind == LINEAR and node.op == "call_function" and node.target in WEIGHT_LAYER_FUNCTIONS:
+        _as_weight_layer(gm, node)
+
+
+def _as_weight_layer(gm, node):
+    """F.linear / F.conv1d / F.conv2d / F.conv3d with the model's own weights -> a call of the nn.Linear / nn.Conv
+    module that holds them (the same tensors), so that fan-out, MACs and the engines see the layer as they see a
+    module; weights computed in the forward, or a stride / groups computed from sizes, stay a function call (a
+    linear map all the same, whose synapses fan-out does not count)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    options = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    if not all(arg is None or isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+               for arg in (options["weight"], options.get("bias"))):
+        return
+    if any(isinstance(options.get(key), torch.fx.Node) for key in names[3:]):  # e.g. groups=x.size(1)
+        return
+
+    def parameter(arg):
+        if arg is None:
+            return None
+        tensor = operator.attrgetter(arg.target)(gm)
+        return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+    weight, bias = parameter(options["weight"]), parameter(options.get("bias"))
+    if node.target is F.linear:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        groups = options.get("groups", 1)
+        layer = WEIGHT_LAYER_FUNCTIONS[node.target](
+            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), options.get("stride", 1),
+            options.get("padding", 0), options.get("dilation", 1), groups, bias=bias is not None)
+    layer.weight, layer.bias = weight, bias
+    name = unique_name(gm, f"{_scope(node)}{node.name}")
+    gm.add_submodule(name, layer)
+    _replace_by_call(gm, node, name)
 
 
 def trainable_trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -141,78 +300,212 @@ def with_average_pooling(model: nn.Module) -> nn.Module:
     gm = trainable_trace(copy.deepcopy(model))
     modules = dict(gm.named_modules())
     pools = [(node, modules.get(node.target) if node.op == "call_module" else None) for node in gm.graph.nodes]
-    pools = [(node, module) for node, module in pools if _max_pool(node, module) is not None]
+    pools = [(node, module) for node, module in pools if _is_max_pool(node, module)]
     if not pools:
         return model
     for node, module in pools:
-        _replace_max_pool(gm, node, module)
+        with _refused_if_failing(node, module):
+            _replace_max_pool(gm, node, module)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def first_refused_node(gm: torch.fx.GraphModule, maxpool: str = "error") -> str | None:
+def first_refused_node(gm: torch.fx.GraphModule, maxpool: str = "error", nonlinear: str = "refuse") -> str | None:
     """Why the traced `gm` cannot be converted, naming the first node that stands in the way (None: it can)."""
-    modules = dict(gm.named_modules())
+    modules, values = dict(gm.named_modules()), value_nodes(gm.graph)
     for node in gm.graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
-        if node.op in ("placeholder", "output", "get_attr") or _is_relu(node, module):
-            continue
-        if isinstance(module, DROPOUT_MODULES) or (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
-            continue
-        where = f"{_describe(node, module)}{_source_line(node)}"
-        if _max_pool(node, module) is not None:
-            if maxpool != "avg":
+        with _refused_if_failing(node, module):
+            kind = kind_of(node, module, values)
+            where = f"{_describe(node, module)}{_source_line(node)}"
+            if kind == MAX_POOL and maxpool != "avg":
                 return (f"the model uses max pooling ({where}), which has no exact spiking form: add "
                         "convert.maxpool=avg to replace it by average pooling")
-            continue
-        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-            source = node.args[0]
-            layer = modules.get(source.target) if source.op == "call_module" else None
-            calls = sum(n.op == "call_module" and n.target == source.target for n in gm.graph.nodes)
-            if not isinstance(layer, nn.Conv2d | nn.Linear) or len(source.users) > 1 or calls > 1:
-                return (f"cannot fold BatchNorm {where}: it must directly follow a conv or linear layer whose "
-                        "output nothing else reads (put the BatchNorm right after its nn.Conv2d / nn.Linear)")
-            continue
-        if _is_linear(node, module):
-            continue
-        return (f"cannot convert {where}: a spiking network computes ReLUs and linear maps only (conv, linear, "
-                "pooling, flatten, addition, concatenation, padding, slicing); replace this operation by a ReLU "
-                "or a linear map, and retrain")
+            if kind == MAX_POOL and isinstance(why_not := _average_pool(node, module), str):
+                return f"cannot replace max pooling {where} by average pooling: {why_not}"
+            if kind == NONLINEAR and not (nonlinear == "compensate" and computes_analog(node, module, values)):
+                return nonlinear_refusal(node, module, computes_analog(node, module, values))
     return None
 
 
-def _is_relu(node, module) -> bool:
-    return (isinstance(module, nn.ReLU) or (node.op == "call_function" and node.target in RELU_FUNCTIONS)
-            or (node.op == "call_method" and node.target in RELU_METHODS))
+def nonlinear_refusal(node: torch.fx.Node, module: nn.Module | None, analog: bool = True) -> str:
+    """The refusal of a node that is neither a ReLU-family activation nor a linear or affine map (kind_of:
+    NONLINEAR), the one place such a node is judged; `analog`: whether convert.nonlinear=compensate computes it
+    (snnbench.core.analog)."""
+    where = (f"cannot convert {_describe(node, module)}{_source_line(node)}: it is neither a ReLU-family "
+             "activation (ReLU, ReLU6 / clamp at 0, leaky ReLU) nor a linear or affine map")
+    if analog:
+        return (f"{where}, and has no exact spiking form; add convert.nonlinear=compensate to compute it as an "
+                "analog operator (docs/models.md)")
+    return (f"{where}, nor an operation that convert.nonlinear=compensate computes as an analog operator (SiLU, "
+            "Hardswish, GELU, sigmoid, tanh, Hardsigmoid, LayerNorm, GroupNorm, softmax, the product of two "
+            "activations); replace it by one of these, and retrain")
 
 
-def _is_linear(node, module) -> bool:
+def value_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes whose value depends on the values of the input tensors: those a spiking network must compute
+    from spikes. A tensor's size, arithmetic on sizes, comparisons and assertions of sizes do not."""
+    values = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or (node.op in ("call_function", "call_method", "call_module")
+                                        and not _reads_size(node)
+                                        and any(arg in values for arg in node.all_input_nodes)):
+            values.add(node)
+    return values
+
+
+def kind_of(node: torch.fx.Node, module: nn.Module | None, values: set[torch.fx.Node]) -> str:
+    """What `node` is to the conversion (PASSES, ACTIVATION, LINEAR, AFFINE, DROPOUT, MAX_POOL, ENDING or
+    NONLINEAR); `values`: the graph's value_nodes."""
+    if node.op in ("placeholder", "output", "get_attr") or node not in values:
+        return PASSES
+    if isinstance(module, DROPOUT_MODULES) or (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
+        return DROPOUT
+    if _is_max_pool(node, module):
+        return MAX_POOL
+    if _ends_classifier(node, module):
+        return ENDING
+    if activation_of(node, module, values) is not None:
+        return ACTIVATION
+    if _is_batch_norm(node, module, values):
+        return AFFINE
+    if _is_linear(node, module, values):
+        return LINEAR
+    return NONLINEAR
+
+
+def activation_of(node: torch.fx.Node, module: nn.Module | None, values=frozenset()) -> Activation | None:
+    """The ReLU-family activation `node` computes (None: it is none): ReLU, clipped ReLUs (clip at 0 and a
+    positive upper end) and leaky ReLUs with a constant slope."""
+    if isinstance(module, nn.ReLU):
+        return Activation("nn.ReLU", module.clip if isinstance(module, ClippedReLU) else None)
+    if isinstance(module, nn.Hardtanh):
+        return _clipped(f"nn.{type(module).__name__}", module.min_val, module.max_val)
+    if isinstance(module, nn.LeakyReLU):
+        return Activation("nn.LeakyReLU", slope=module.negative_slope)
+    if isinstance(module, nn.PReLU):
+        return Activation("nn.PReLU", slope=module.weight.detach())
+    options = dict(zip(("input", "first", "second"), node.args, strict=False)) | dict(node.kwargs)
+    if node.op == "call_function" and node.target in RELU_FUNCTIONS:
+        return Activation(RELU_FUNCTIONS[node.target])
+    if node.op == "call_method" and node.target in RELU_METHODS:
+        return Activation(RELU_METHODS[node.target])
+    if node.op == "call_function" and node.target in HARDTANH_FUNCTIONS:
+        if node.target is F.relu6:
+            return Activation("F.relu6", 6.0)
+        return _clipped(HARDTANH_FUNCTIONS[node.target], options.get("min_val", options.get("first", -1.0)),
+                        options.get("max_val", options.get("second", 1.0)))
+    clamp = (CLAMP_FUNCTIONS.get(node.target) if node.op == "call_function" else
+             f"Tensor.{node.target}" if node.op == "call_method" and node.target in CLAMP_METHODS else None)
+    if clamp is not None:
+        return _clipped(clamp, options.get("min", options.get("first")),
+                        None if "clamp_min" in clamp else options.get("max", options.get("second")))
+    if node.op == "call_function" and node.target in LEAKY_FUNCTIONS:
+        if node.target in (F.prelu, torch.prelu):
+            weight = options.get("weight", options.get("first"))
+            constant = isinstance(weight, torch.fx.Node) and weight.op == "get_attr"
+            return Activation(LEAKY_FUNCTIONS[node.target], slope=weight) if constant else None
+        slope = options.get("negative_slope", options.get("first", 0.01))
+        return Activation(LEAKY_FUNCTIONS[node.target], slope=slope) if _is_number(slope) else None
+    return None
+
+
+def _clipped(origin: str, lower, upper) -> Activation | None:
+    """clip(x, lower, upper) as an activation: a ReLU, clipped at a positive upper end; None for any other."""
+    if lower is None or not _is_number(lower) or lower != 0:
+        return None
+    if upper is None:
+        return Activation(origin)
+    return Activation(origin, float(upper)) if _is_number(upper) and upper > 0 else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _reads_size(node) -> bool:
+    return (node.op == "call_method" and node.target in SIZE_METHODS
+            or node.op == "call_function" and node.target is getattr and node.args[1] in SIZE_ATTRIBUTES)
+
+
+def _ends_classifier(node, module) -> bool:
+    """A softmax over the classes, log_softmax or sigmoid whose result is the network's output."""
+    monotone = (isinstance(module, MONOTONE_ENDING_MODULES)
+                or node.op == "call_function" and node.target in MONOTONE_ENDINGS
+                or node.op == "call_method" and node.target in MONOTONE_ENDING_METHODS)
+    if not monotone or len(node.users) != 1:
+        return False
+    output = next(iter(node.users))
+    if output.op != "output" or output.args[0] is not node:
+        return False
+    dim = module.dim if isinstance(module, nn.Softmax | nn.LogSoftmax) else node.kwargs.get(
+        "dim", node.args[1] if len(node.args) > 1 else None)
+    return dim in (None, 1, -1)  # the classes of [batch, classes] logits
+
+
+def _is_batch_norm(node, module, values) -> bool:
+    """BatchNorm with running statistics, in eval mode an affine map per channel."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.track_running_stats and module.running_mean is not None
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return False
+    options = dict(zip(("input", "running_mean", "running_var", "weight", "bias"), node.args, strict=False))
+    options |= node.kwargs
+    statistics = (options.get("running_mean"), options.get("running_var"))
+    return (all(isinstance(s, torch.fx.Node) for s in statistics)
+            and not any(isinstance(options.get(key), torch.fx.Node) and options[key] in values
+                        for key in ("running_mean", "running_var", "weight", "bias")))
+
+
+def _foldable_into(node, module, modules, gm) -> nn.Module | None:
+    """The conv / linear layer a BatchNorm module folds into: it directly follows it, and nothing else reads or
+    calls that layer (None: it is kept as an affine map)."""
+    if not isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        return None
+    source = node.args[0]
+    layer = modules.get(source.target) if source.op == "call_module" else None
+    calls = sum(n.op == "call_module" and n.target == source.target for n in gm.graph.nodes)
+    if not isinstance(layer, nn.Conv2d | nn.Linear) or len(source.users) > 1 or calls > 1:
+        return None
+    return layer
+
+
+def _is_linear(node, module, values) -> bool:
     if node.op == "call_module":
         return isinstance(module, LINEAR_MODULES)
+
+    def constant(arg):
+        found = []
+        torch.fx.node.map_arg(arg, found.append)
+        return not any(node in values for node in found)
+
     if node.op == "call_function" and node.target is F.pad:
         mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
         value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
         return mode == "constant" and not value
-    if node.op == "call_function" and node.target in SCALINGS or node.op == "call_method" and node.target in (
-            "mul", "div"):
-        # x * c and x / c for a constant c (a number or a buffer); x * y of two computed tensors is not linear
-        def constant(arg):
-            return not isinstance(arg, torch.fx.Node) or arg.op == "get_attr"
+    if node.op == "call_function" and node.target in WEIGHTED_FUNCTIONS:
+        return all(constant(arg) for arg in (*node.args[1:], *node.kwargs.values()))
+    if node.op == "call_function" and node.target in SCALINGS or (
+            node.op == "call_method" and node.target in SCALING_METHODS):
+        # x * c and x / c for a constant c (a number, a buffer, a parameter reshaped); x * y of two computed
+        # tensors is not linear
         first, second = node.args[:2]
-        if node.target in (operator.truediv, torch.div, "div"):
-            return constant(second)
-        return constant(first) or constant(second)
+        return constant(second) if node.target in DIVISIONS else constant(first) or constant(second)
+    if node.op == "call_function" and node.target is operator.getitem:
+        return all(constant(arg) for arg in node.args[1:])  # indices that do not depend on the values
     return (node.op == "call_function" and node.target in LINEAR_FUNCTIONS
             or node.op == "call_method" and node.target in LINEAR_METHODS)
 
 
 def _is_in_place(node, module) -> bool:
-    if isinstance(module, nn.ReLU) and module.inplace:
+    if isinstance(module, nn.ReLU | nn.Hardtanh | nn.LeakyReLU) and module.inplace:
         return True
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
     if node.op == "call_method":
-        return node.target in IN_PLACE_METHODS
-    return node.op == "call_function" and (node.target in (torch.relu_, F.relu_) or node.kwargs.get("inplace") is True)
+        return node.target.endswith("_")
+    return node.op == "call_function" and (node.target in IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True)
 
 
 def _later_users_read(node: torch.fx.Node):
@@ -224,64 +517,133 @@ def _later_users_read(node: torch.fx.Node):
             user.replace_input_with(source, node)
 
 
-def _max_pool(node, module):
-    if node.op == "call_module" and type(module) in MAX_POOLS:
-        return MAX_POOLS[type(module)]
-    if node.op == "call_function" and node.target in MAX_POOL_FUNCTIONS:
-        return MAX_POOL_FUNCTIONS[node.target]
-    return None
+def _is_max_pool(node, module) -> bool:
+    return (node.op == "call_module" and type(module) in MAX_POOLS
+            or node.op == "call_function" and node.target in MAX_POOL_FUNCTIONS)
+
+
+def _average_pool(node, module) -> nn.Module | str:
+    """The average pooling over the same windows as the max pooling `node` (kernel, stride, padding, ceil_mode),
+    or why there is none."""
+    kind = type(module) if module is not None else MAX_POOL_FUNCTIONS[node.target]
+    adaptive = kind in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+    names = ADAPTIVE_POOL_OPTIONS if adaptive else POOL_OPTIONS
+    if module is not None:
+        options = {name: getattr(module, name) for name in names}
+    else:
+        options = dict(zip(names, node.args[1:], strict=False)) | dict(node.kwargs)
+    if options.get("return_indices"):
+        return "it returns the indices of its maxima, which average pooling has not"
+    two_d = kind in (nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+    if adaptive:
+        return (nn.AdaptiveAvgPool2d if two_d else nn.AdaptiveAvgPool1d)(options["output_size"])
+    dilation = options.get("dilation", 1)
+    if any(d != 1 for d in (dilation if isinstance(dilation, tuple | list) else (dilation,))):
+        return f"its dilation {dilation} has no average-pooling form (use dilation 1)"
+    kernel = options["kernel_size"]
+    stride = options.get("stride") or kernel
+    return (nn.AvgPool2d if two_d else nn.AvgPool1d)(kernel, stride, options.get("padding", 0),
+                                                      ceil_mode=options.get("ceil_mode", False))
 
 
 def _replace_max_pool(gm, node, module) -> str:
     """Max pooling -> average pooling over the same windows (convert.maxpool=avg): a module in its place, a
     functional call by a module named after it. Returns what was replaced."""
     origin = _describe(node, module)
-    if module is None:  # the functional form: its arguments as a module's
-        names = ("kernel_size", "stride", "padding") if node.target is F.max_pool2d else ("output_size",)
-        options = {**dict(zip(names, node.args[1:], strict=False)), **node.kwargs}
-        module = (nn.MaxPool2d(**{k: options[k] for k in names if k in options})
-                  if node.target is F.max_pool2d else nn.AdaptiveMaxPool2d(options["output_size"]))
-        name = unique_name(gm, f"{_scope(node)}avg_pool")
-        with gm.graph.inserting_after(node):
-            node.replace_all_uses_with(gm.graph.call_module(name, (node.args[0],)))
-        gm.graph.erase_node(node)
-    else:
-        name = node.target
-    if isinstance(module, nn.AdaptiveMaxPool2d):
-        average = nn.AdaptiveAvgPool2d(module.output_size)
-    else:
-        average = nn.AvgPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode)
+    average = _average_pool(node, module)
+    if isinstance(average, str):
+        raise UserError(f"cannot replace max pooling {origin}{_source_line(node)} by average pooling: {average}")
+    if module is not None:
+        gm.add_submodule(node.target, average)
+        return f"{origin} -> average pooling"
+    name = unique_name(gm, f"{_scope(node)}avg_pool")
     gm.add_submodule(name, average)
+    with gm.graph.inserting_before(node):
+        node.replace_all_uses_with(gm.graph.call_module(name, (node.args[0],)))
+    gm.graph.erase_node(node)
     return f"{origin} -> average pooling"
 
 
 def _name_spiking_layers(gm: torch.fx.GraphModule, result: CanonicalGraph):
-    """Each ReLU call site becomes a call of a ReLU module of its own: a module keeps its name for its first call,
-    its later calls are <name>_call2, _call3, ...; a functional call is named relu, relu_1, ... within the module
-    whose forward makes it."""
+    """Each ReLU-family call site becomes calls of modules of its own: a module keeps its name for its first call,
+    its later calls are <name>_call2, _call3, ...; a functional call is named relu (clipped_relu, leaky_relu), relu_1,
+    ... within the module whose forward makes it. A ReLU is an nn.ReLU, a clipped ReLU a ClippedReLU; a leaky ReLU
+    is two ReLU layers, max(x, 0) - slope * max(-x, 0): <name>_positive and <name>_negative."""
     modules, calls = dict(gm.named_modules()), {}
+    values = value_nodes(gm.graph)
     for node in list(gm.graph.nodes):
         module = modules.get(node.target) if node.op == "call_module" else None
-        if not _is_relu(node, module):
+        if kind_of(node, module, values) != ACTIVATION:
             continue
-        if module is not None:
-            calls[node.target] = calls.get(node.target, 0) + 1
-            if calls[node.target] == 1:
-                module.inplace = False  # its in-place effect is in the graph now (_later_users_read)
-                result.layers[node.target] = f"nn.ReLU {node.target}"
+        with _refused_if_failing(node, module):
+            activation = activation_of(node, module, values)
+            if module is not None:
+                calls[node.target] = calls.get(node.target, 0) + 1
+                call = calls[node.target]
+                name = node.target if call == 1 else f"{node.target}_call{call}"
+                origin = f"{activation.origin} {node.target}" + (f", call {call}" if call > 1 else "")
+            else:
+                kind = "leaky_relu" if activation.slope is not None else "clipped_relu" if activation.clip else "relu"
+                name, origin = f"{_scope(node)}{kind}", activation.origin + _source_line(node)
+            if activation.slope is not None:
+                _split_leaky(gm, node, activation, name, origin, result)
                 continue
-            name = unique_name(gm, f"{node.target}_call{calls[node.target]}")
-            origin = f"nn.ReLU {node.target}, call {calls[node.target]}"
-        else:
-            name = unique_name(gm, f"{_scope(node)}relu")
-            origin = (RELU_FUNCTIONS[node.target] if node.op == "call_function" else RELU_METHODS[node.target])
-            origin += _source_line(node)
-        gm.add_submodule(name, nn.ReLU())
-        with gm.graph.inserting_after(node):
-            relu = gm.graph.call_module(name, (node.args[0],))
-        node.replace_all_uses_with(relu)
-        gm.graph.erase_node(node)
-        result.layers[name] = origin
+            if isinstance(module, nn.ReLU) and call == 1:  # also a QCFS or a ClippedReLU: kept as it is
+                module.inplace = False  # its in-place effect is in the graph now (_later_users_read)
+                result.layers[node.target] = origin
+                continue
+            layer = ClippedReLU(activation.clip) if activation.clip is not None else nn.ReLU()
+            if not (module is not None and call == 1):
+                name = unique_name(gm, name)
+            gm.add_submodule(name, layer)
+            _replace_by_call(gm, node, name)
+            result.layers[name] = origin
+
+
+def _split_leaky(gm, node, activation: Activation, name: str, origin: str, result: CanonicalGraph):
+    """max(x, 0) + slope * min(x, 0) as max(x, 0) - slope * max(-x, 0): two spiking layers (the positive and the
+    negative part), summed after the negative part's constant scale."""
+    graph, x = gm.graph, node.args[0]
+    slope = activation.slope
+    if isinstance(slope, torch.fx.Node):  # F.prelu's weight, a parameter of the model
+        slope = operator.attrgetter(slope.target)(gm).detach()
+    positive, negative = unique_name(gm, f"{name}_positive"), unique_name(gm, f"{name}_negative")
+    gm.add_submodule(positive, nn.ReLU())
+    gm.add_submodule(negative, nn.ReLU())
+    scale = unique_name(gm, f"{name}_slope")
+    gm.add_submodule(scale, ChannelScale(-torch.as_tensor(slope, dtype=torch.float32)))
+    with graph.inserting_before(node):
+        kept = graph.call_module(positive, (x,))
+        dropped = graph.call_module(negative, (graph.call_function(operator.neg, (x,)),))
+        total = graph.call_function(operator.add, (kept, graph.call_module(scale, (dropped,))))
+    node.replace_all_uses_with(total)
+    graph.erase_node(node)
+    result.layers[positive] = f"{origin}, positive part"
+    result.layers[negative] = f"{origin}, negative part (x slope)"
+
+
+def _replace_by_call(gm, node, name: str):
+    """`node` replaced by a call of the module `name` on its first argument."""
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+
+
+@contextlib.contextmanager
+def _refused_if_failing(node, module):
+    """An unexpected failure while judging or rewriting `node` becomes the one-line refusal naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"cannot convert {_describe(node, module)}{_source_line(node)}: rewriting it failed "
+                        f"({type(err).__name__}: {_first_line(err)}); please report this with the model") from err
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def unique_name(gm: nn.Module, base: str) -> str:

@@ -11,12 +11,16 @@ time steps into the batch dimension; only the neurons loop over them (here in Py
 run a chunk of steps its own way, as snnbench.simulation.triton_neuron does in one kernel).
 """
 
+import math
+
 import torch
 import torch.fx
 from torch import nn
 
+from snnbench.core.stepped import Stepped
 
-class IFNeuron(nn.Module):
+
+class IFNeuron(Stepped):
     def __init__(
         self,
         threshold: torch.Tensor,
@@ -145,6 +149,16 @@ class IFNeuron(nn.Module):
             counts[1] = counts[0]
         else:
             torch.sum(torch.clamp(magnitude, max=1, out=scratch), 1, out=counts[1])
+
+
+def capped_at_clip(threshold: torch.Tensor, c_max: int | None, clip: float) -> tuple[torch.Tensor, int]:
+    """The threshold and the most spikes a step of the neurons of a clipped ReLU layer (ReLU6, clamp(x, 0, clip)):
+    the threshold at most the clip, and c_max at most clip / threshold, so that the most a neuron emits a step,
+    c_max x threshold, and with it its rate never exceed the clip (a binary neuron of threshold clip saturates
+    exactly there)."""
+    threshold = torch.clamp(torch.as_tensor(threshold, dtype=torch.float32), max=clip)
+    most = max(1, math.floor(clip / float(threshold.max())))
+    return threshold, most if c_max is None else min(c_max, most)
 
 
 class _NeuronTracer(torch.fx.Tracer):

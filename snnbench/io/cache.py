@@ -14,6 +14,9 @@ import io
 import json
 import logging
 import os
+import socket
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,7 +90,9 @@ def load_data(path):
 def _open_lock(lock: Path) -> int:
     """The lock file's descriptor, opened without following a link and without truncating: a link planted at
     the lock's path is removed (once, with a warning), never written through."""
-    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    # opened for writing (never written): on NFS, where shared caches often live, flock takes an exclusive lock
+    # on writable descriptors only
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         return os.open(lock, flags, 0o666)
     except OSError as err:
@@ -101,7 +106,10 @@ def _open_lock(lock: Path) -> int:
 
 @contextmanager
 def claimed(path: Path):
-    """Hold an exclusive lock on `path`.lock: parallel sweep jobs wait instead of building the same entry."""
+    """Hold an exclusive lock on `path`.lock: parallel sweep jobs wait instead of building the same entry. A job
+    that has to wait says once which run holds the entry and where; the holder is recorded beside the lock (never
+    in it: a lock planted as a hard link to another file must not be written)."""
+    holder = path.with_suffix(".holder.json")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = _open_lock(path.with_suffix(".lock"))
@@ -109,10 +117,37 @@ def claimed(path: Path):
         raise UserError(f"cannot write the cache entry {path} ({err.strerror}): set cache_dir=<a folder that can be "
                         "written> (or env SNNBENCH_CACHE)") from err
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for cache entry %s: %s is building it; this run goes on when it is done", path.name,
+                     _described_holder(holder))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_interrupted_writes(path)
+        atomic_write_bytes(holder, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                               "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                               "command": " ".join(sys.argv)}).encode())
         yield
     finally:
+        holder.unlink(missing_ok=True)
         os.close(lock)  # releases the lock
+
+
+def _described_holder(holder: Path) -> str:
+    """Which run holds an entry, as its holder record says (the record is only ever shown, never trusted)."""
+    try:
+        record = json.loads(holder.read_text())
+        return (f"run {record['pid']} on {record['host']} (since {record['since']}: {record['command']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another run"
+
+
+def _remove_interrupted_writes(path: Path):
+    """The temporary files of this entry and its record that a killed run left behind (the lock is held: no live
+    run is writing them)."""
+    for name in (path.name, path.with_suffix(".json").name, path.with_suffix(".holder.json").name):
+        for leftover in path.parent.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def cached(path: Path, key: str, build, save, load):

@@ -4,6 +4,7 @@
 import abc
 import concurrent.futures
 import ctypes
+import os
 import queue
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from snnbench.core.graph import device_of
 from snnbench.core.neurons import IFNeuron, SpikingGraph
+from snnbench.core.stepped import Stepped
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -54,10 +56,12 @@ class Settings:
     threads: int | None = None                            # CPU: blocks simulated at once (None: torch's threads)
 
 
-def blocks_at_once(device, threads: int | None = None) -> int:
+def blocks_at_once(device, threads: int | None = None, engine: str = "torch") -> int:
     """Blocks of images simulated at once, each by a thread of its own: on a CPU as many as torch's intra-op
-    threads (or `threads`), each computing with one thread; on a GPU one (its kernels run asynchronously anyway)."""
-    if torch.device(device).type != "cpu":
+    threads (or `threads`), each computing with one thread; on a GPU one (its kernels run asynchronously anyway).
+    The triton engine under TRITON_INTERPRET=1 simulates one: Triton's interpreter is not thread-safe (two blocks
+    at once fail with InterpreterError)."""
+    if torch.device(device).type != "cpu" or (engine == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         return 1
     return threads or torch.get_num_threads()
 
@@ -69,6 +73,7 @@ class Simulation:
     def __init__(self, modules: list[torch.fx.GraphModule], settings: Settings):
         self.modules, self.settings = modules, settings
         self.neurons = [_neurons_of(module) for module in modules]
+        self.stepped = [list(_stepped_of(module).values()) for module in modules]  # neurons, analog operators
 
     def run(self, batches, progress=None) -> SimulationResult:
         """T steps on every (images, labels) batch, `sub_batch` images at a time, `chunk` steps folded into one
@@ -133,14 +138,14 @@ class Simulation:
         T, chunk, batch = settings.T, settings.chunk, images.shape[0]
         generator = (torch.Generator(device=settings.device).manual_seed(settings.seed * 1_000_003 + index)
                      if settings.coding == "poisson" else None)
-        for neuron in neurons.values():
-            neuron.reset(batch, T)
+        for state in self.stepped[graph]:
+            state.reset(batch, T)
         correct = torch.zeros(T, dtype=torch.long, device=settings.device)
         accumulated = None
         for start in range(0, T, chunk):
             steps = min(chunk, T - start)
-            for neuron in neurons.values():
-                neuron.steps = steps
+            for state in self.stepped[graph]:
+                state.steps = steps
             inputs = images if generator is None else placed(_poisson(images, steps, generator), settings.device,
                                                              settings.layout)
             # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
@@ -155,9 +160,15 @@ class Simulation:
 
 def _neurons_of(module: torch.fx.GraphModule) -> dict[str, IFNeuron]:
     """The neurons a graph calls, by the name it calls them (also where another module of the graph holds one)."""
+    return {name: neuron for name, neuron in _stepped_of(module).items() if isinstance(neuron, IFNeuron)}
+
+
+def _stepped_of(module: torch.fx.GraphModule) -> dict[str, Stepped]:
+    """The modules with a state over the steps (neurons, analog operators) a graph calls, by the name it calls
+    them."""
     called = {node.target: module.get_submodule(node.target) for node in module.graph.nodes
               if node.op == "call_module"}
-    return {name: neuron for name, neuron in called.items() if isinstance(neuron, IFNeuron)}
+    return {name: state for name, state in called.items() if isinstance(state, Stepped)}
 
 
 class Backend(abc.ABC):
@@ -176,13 +187,13 @@ class Backend(abc.ABC):
         block simulated at once. The first calls the network's own neurons where the backend does (so that hooks
         on them see the simulation), the others copies of them (a state of their own)."""
         network.eval().to(settings.device, memory_format=settings.layout)
-        own = set(spiking_layers(network).values())
+        own = {module for module in network.modules() if isinstance(module, Stepped)}
         modules = []
-        for number in range(blocks_at_once(settings.device, settings.threads)):
+        for number in range(blocks_at_once(settings.device, settings.threads, self.name)):
             module = self.module_graph(SpikingGraph(network), settings)  # traced here: fx's tracer is not threadsafe
-            for name, neuron in _neurons_of(module).items():
-                if number and neuron in own:
-                    module.add_submodule(name, type(neuron).like(neuron))
+            for name, state in _stepped_of(module).items():
+                if number and state in own:
+                    module.add_submodule(name, type(state).like(state))
             modules.append(module)
         return Simulation(modules, settings)
 
@@ -212,7 +223,7 @@ def computed_once(graph: SpikingGraph) -> dict[str, nn.Module]:
     constant, found = set(), {}
     for node in graph.nodes:
         module = graph.module(node)
-        if node.op == "placeholder" or (module is not None and not isinstance(module, IFNeuron) and
+        if node.op == "placeholder" or (module is not None and not isinstance(module, Stepped) and
                                          node.all_input_nodes and set(node.all_input_nodes) <= constant):
             constant.add(node)
             if module is not None:
@@ -230,10 +241,9 @@ def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
     for module in model.modules():
         if not list(module.children()):
             hooks.append(module.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o[0].numel())))
-    neurons = spiking_layers(model).values()
-    for neuron in neurons:
-        neuron.reset(batch=1, total_steps=1)
-        neuron.steps = 1
+    for state in (module for module in model.modules() if isinstance(module, Stepped)):
+        state.reset(batch=1, total_steps=1)
+        state.steps = 1
     with torch.inference_mode():
         model(sample[:1].to(device_of(model)))
     for h in hooks:

@@ -92,7 +92,7 @@ class EngineSettings(NamedTuple):
 def engine_settings(sim, model: nn.Module, image: torch.Tensor, device) -> EngineSettings:
     """The `sim` config's engine knobs resolved for `model` (one `image` of its input) on `device`."""
     engine, min_depth = choose_engine(sim.engine, sim.integer_conv, device)
-    sub_batch, blocks = choose_sub_batch(sim.sub_batch, sim.batch_size, device), blocks_at_once(device)
+    sub_batch, blocks = choose_sub_batch(sim.sub_batch, sim.batch_size, device), blocks_at_once(device, None, engine)
     chunk = 1 if engine == "reference" else choose_chunk(sim.chunk, sim.T, sub_batch * blocks,
                                                          activation_elements(model, image), sim.max_memory_mb, device)
     return EngineSettings(engine, sub_batch, chunk, blocks, memory_format(sim.channels_last, device), min_depth)

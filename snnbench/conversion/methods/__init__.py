@@ -1,5 +1,6 @@
 """One small module per conversion method. Each exposes
 
+    a Method subclass named <name>           the knobs, typed, with their defaults (those of conf/method/<name>.yaml)
     validate(knobs)                          -> None, or a UserError naming the knob and the fix
     convert(ann, calibration, cfg, batches)  -> Conversion
 
@@ -10,8 +11,10 @@ YAML in conf/method/.
 """
 
 import importlib
+import math
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
@@ -28,7 +31,8 @@ class Conversion:
     calibration: Calibration
     fan_out: dict[str, float]                                   # synapses per neuron of each spiking layer
     diagnostics: dict[str, dict] = field(default_factory=dict)  # per spiking layer: extra layers.csv columns
-    # how the network `snn` was made from was rewritten from the canonical ANN (TTRBR), for a saved conversion
+    # how the network that `snn` spikes for was rewritten from the canonical ANN (TTRBR): what rebuilds it from a
+    # saved conversion (snnbench.conversion.saved)
     restructuring: Restructuring = field(default_factory=Restructuring)
 
 
@@ -42,13 +46,45 @@ def get(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def spiking_copy(ann, thresholds: dict, scale: float = 1.0, **neuron_knobs) -> nn.Module:
-    """A copy of `ann` with each ReLU replaced by an IF neuron of threshold scale x thresholds[name]."""
-    from snnbench.core.graph import device_of, replace_modules
-    from snnbench.core.neurons import IFNeuron
+@dataclass(frozen=True)
+class Method:
+    """A method's knobs as a typed object (what snnbench.convert takes): a subclass per method, whose fields are
+    the knobs of conf/method/<name>.yaml with the same defaults, checked on construction by the method's
+    validate."""
+    name: ClassVar[str] = ""  # the method's module in this package
 
-    snn = replace_modules(ann, {name: IFNeuron(threshold * scale, **neuron_knobs)
-                                for name, threshold in thresholds.items()})
+    def __post_init__(self):
+        get(self.name).validate(asdict(self))
+
+
+def method_class(name: str) -> type[Method]:
+    """The Method subclass of method `name`: the one its module defines (or imports) under that name."""
+    module = get(name)
+    found = [value for value in vars(module).values()
+             if isinstance(value, type) and issubclass(value, Method) and value.name == name]
+    if not found:
+        raise UserError(f"method '{name}' has no typed knobs: its module {module.__name__} defines no Method "
+                        f"subclass with name = '{name}'")
+    return found[0]
+
+
+def spiking_copy(ann, thresholds: dict, scale: float = 1.0, **neuron_knobs) -> nn.Module:
+    """A copy of `ann` with each ReLU replaced by an IF neuron of threshold scale x thresholds[name] (a signed one
+    where the layer re-encodes an analog operator; for a clipped ReLU at most the clip, capped_at_clip) and each
+    analog operator by its stateful form."""
+    from snnbench.core.analog import Reencode, analog_operators
+    from snnbench.core.graph import ClippedReLU, device_of, replace_modules
+    from snnbench.core.neurons import IFNeuron, capped_at_clip
+
+    def neuron(name, threshold):
+        layer = ann.get_submodule(name)
+        if isinstance(layer, ClippedReLU):  # its rate must saturate where the activation does, at the clip
+            threshold, c_max = capped_at_clip(threshold * scale, neuron_knobs.get("c_max", 1), layer.clip)
+            return IFNeuron(threshold, **{**neuron_knobs, "c_max": c_max})
+        return (layer.neuron if isinstance(layer, Reencode) else IFNeuron)(threshold * scale, **neuron_knobs)
+
+    snn = replace_modules(ann, {name: neuron(name, threshold) for name, threshold in thresholds.items()})
+    snn = replace_modules(snn, analog_operators(snn))
     return snn.to(device_of(ann))  # the new neurons' buffers join the ANN's device
 
 
@@ -67,8 +103,9 @@ def check_number(knobs, key: str, *, positive=False, allow_none=False, example=N
     value = knobs.get(key)
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or (positive and value <= 0):
-        kind = "a positive number" if positive else "a number"
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or (positive and value <= 0)):
+        kind = "a positive finite number" if positive else "a finite number"
         raise UserError(f"method.{key} must be {kind}{' or null' if allow_none else ''}, got {value!r}"
                         + (f": set e.g. method.{key}={example}" if example is not None else ""))
 

@@ -2,7 +2,11 @@
 threshold; the threshold sets the resolution, not the range, so it is scaled by `threshold_scale`. Without the
 negative spike (neg_threshold=null) and with c_max = Gamma these are Li & Zeng 2022's burst spikes."""
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from snnbench.conversion.methods import (
+    Method,
     check_flag,
     check_number,
     check_positive_int,
@@ -10,6 +14,17 @@ from snnbench.conversion.methods import (
     spiking_copy,
     termapping,
 )
+
+
+@dataclass(frozen=True)
+class AugMapping(Method):
+    name: ClassVar[str] = "augmapping"
+    v0: float = 0.5
+    neg_threshold: float | None = 1.0  # None: positive spikes only (burst spikes)
+    require_positive_net: bool = True
+    c_max: int | None = None           # largest |c| per step (None: unlimited; 1: TerMapping)
+    threshold_scale: float = 0.125     # threshold = scale x calibrated threshold
+    per_neuron: bool = False
 
 
 def validate(knobs):

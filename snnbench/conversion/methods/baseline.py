@@ -1,6 +1,15 @@
 """Threshold balancing: binary IF neurons with the calibrated percentile thresholds."""
 
-from snnbench.conversion.methods import check_number, converted, spiking_copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+from snnbench.conversion.methods import Method, check_number, converted, spiking_copy
+
+
+@dataclass(frozen=True)
+class Baseline(Method):
+    name: ClassVar[str] = "baseline"
+    v0: float = 0.0            # initial membrane potential, in units of the threshold
 
 
 def validate(knobs):

@@ -15,15 +15,31 @@ models/spiking_layer.py, models/calibration.py at commit 4aece7c), for binary IF
 Their weight calibration (ImageNet, Adam on each layer's weights for thousands of steps) is not implemented.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from snnbench.conversion.corrections import cancel_mean_error, correct_initial_potential, correct_layer_by_layer
-from snnbench.conversion.methods import check_choice, check_flag, check_positive_int, converted, spiking_copy
+from snnbench.conversion.methods import Method, check_choice, check_flag, check_positive_int, converted, spiking_copy
 from snnbench.core.calibrate import record_activations
 from snnbench.core.graph import device_of, spiking_layer_names
 from snnbench.errors import UserError
 
 CANDIDATES = 95     # thresholds max x (1 - 0.01 i) searched (find_threshold_mse)
+
+
+@dataclass(frozen=True)
+class Calibration(Method):
+    name: ClassVar[str] = "calibration"
+    T: int | None = None               # the T the thresholds and corrections are for (None: the run's T)
+    thresholds: str = "mse"            # mse | max
+    momentum: float = 0.9              # the thresholds averaged over the calibration batches
+    per_channel: bool = False
+    shift: bool = True                 # an input current theta / (2T) every step
+    bias_correction: bool = True       # each channel's mean rate error taken off its bias, layer by layer
+    potential_correction: bool = False  # each neuron's initial potential += T x its mean error
+    correction_images: int = 128       # calibration images the corrections measure on
 
 
 def validate(knobs):

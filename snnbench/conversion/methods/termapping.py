@@ -1,7 +1,19 @@
 """TerMapping: the baseline's thresholds plus a negative spike (double threshold) that undoes over-firing."""
 
-from snnbench.conversion.methods import check_flag, check_number, converted, spiking_copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+from snnbench.conversion.methods import Method, check_flag, check_number, converted, spiking_copy
 from snnbench.core.calibrate import neuron_maxima
+
+
+@dataclass(frozen=True)
+class TerMapping(Method):
+    name: ClassVar[str] = "termapping"
+    v0: float = 0.0
+    neg_threshold: float = 1.0         # negative spike when V <= -neg_threshold x threshold
+    require_positive_net: bool = True  # only while the neuron's net emitted count is positive
+    per_neuron: bool = False           # one threshold per neuron: its largest calibration activation
 
 
 def validate(knobs):

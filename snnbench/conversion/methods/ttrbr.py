@@ -18,11 +18,14 @@ of a constant input, and deviation r - Q(I), with r the actual rate.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from snnbench.conversion.corrections import cancel_mean_error, channel_sums, correct_layer_by_layer, rate_of
 from snnbench.conversion.methods import (
+    Method,
     check_choice,
     check_flag,
     check_number,
@@ -36,6 +39,21 @@ from snnbench.core.graph import device_of
 from snnbench.errors import UserError
 
 ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
+
+
+@dataclass(frozen=True)
+class TTRBR(Method):
+    name: ClassVar[str] = "ttrbr"
+    v0: float = 0.5                    # initial membrane potential, in units of the threshold (0.5: rounding)
+    neg_threshold: float | None = None  # None: binary IF; x: TerMapping's negative spike at V <= -x theta
+    restructure: str = "split"         # none | shortcut_neuron | merged | split
+    copies: int = 2                    # split: neurons per post-addition channel
+    tune: bool = True                  # False: keep the percentile thresholds
+    T: int | None = None               # the T the thresholds are tuned for (None: the run's T)
+    scales: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3)  # candidates, x the percentile one
+    correct_mean: bool = True          # also cancel each channel's mean rate error with a bias current
+    per_channel: bool = True           # percentile and tuned scale per channel (False: per layer)
+    tune_images: int = 32              # calibration images the tuning simulates
 
 
 def validate(knobs):

@@ -1,0 +1,146 @@
+"""convert.nonlinear=compensate: the rewrite of a traced model that `canonicalize` runs last. Each operation that
+snnbench.core.analog computes (and that nothing before rewrote) becomes a call of an `Analog` module, and each
+analog operator whose output reaches a weight layer (conv, linear) or a product through linear maps gets a
+`Reencode` spiking layer right after it, which every reader of its output then reads. So does the input of a weight
+layer or a product that another weight layer's output reaches through linear maps only (x + project(y) into the
+next conv, as in inverted bottlenecks, whose activation-free projections are common beside these functions):
+weight layers stay driven by events, and only the nonlinear functions themselves are analog."""
+
+import torch
+import torch.fx
+from torch import nn
+
+from snnbench.core.analog import Analog, Reencode, Slot, computes_analog, is_product
+from snnbench.core.graph import (
+    CanonicalGraph,
+    _describe,
+    _scope,
+    _set_module,
+    _source_line,
+    unique_name,
+    value_nodes,
+)
+
+WEIGHT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHT_FUNCTIONS = {torch.nn.functional.linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                    torch.nn.functional.conv3d}
+
+
+def compensate(gm: torch.fx.GraphModule, result: CanonicalGraph):
+    """Rewrite `gm` in place (the caller lints and recompiles it): analog operators into result.analog, the
+    re-encoding layers into result.layers (spiking layers, all in the order they run)."""
+    modules, values, calls = dict(gm.named_modules()), value_nodes(gm.graph), {}
+    analog_nodes = []
+    for node in list(gm.graph.nodes):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not computes_analog(node, module, values):
+            continue
+        origin = f"{_describe(node, module)}{_source_line(node)}"
+        analog_nodes.append(_as_analog(gm, node, module, values, calls))
+        result.analog[analog_nodes[-1].target] = origin
+    modules = dict(gm.named_modules())
+    for node in analog_nodes:
+        if _reaches_weights(node, modules):
+            _reencode(gm, node, f"{node.target}_spikes", result, f"signed re-encoding of analog {node.target}")
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        for value in _inputs_driven_by_weights(node, modules):
+            name = _reencode(gm, value, f"{_scope(value)}{value.name}_spikes", result,
+                             f"signed re-encoding of {value.name} (weight layer outputs)")
+            modules[name] = gm.get_submodule(name)
+    order = [node.target for node in gm.graph.nodes if node.op == "call_module"]
+    result.layers = {name: result.layers[name] for name in order if name in result.layers}  # the order they run
+
+
+def _reencode(gm: torch.fx.GraphModule, node: torch.fx.Node, base: str, result: CanonicalGraph, origin: str) -> str:
+    """A Reencode layer right after `node`, which every other reader of `node` reads instead; returns its name."""
+    name = unique_name(gm, base)
+    gm.add_submodule(name, Reencode())
+    with gm.graph.inserting_after(node):
+        spikes = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(spikes, delete_user_cb=lambda user: user is not spikes)
+    result.layers[name] = origin
+    return name
+
+
+def _as_analog(gm: torch.fx.GraphModule, node: torch.fx.Node, module, values: set, calls: dict) -> torch.fx.Node:
+    """`node` replaced by a call of an Analog module computing the same, its tensor inputs (computed or constant)
+    passed in as arguments; returns the new call."""
+    inputs = []
+
+    def slot(arg: torch.fx.Node) -> Slot:
+        if arg not in inputs:
+            inputs.append(arg)
+        return Slot(inputs.index(arg))
+
+    args = torch.fx.node.map_arg(node.args, slot)
+    kwargs = torch.fx.node.map_arg(node.kwargs, slot)
+    running = tuple(arg in values for arg in inputs)
+    analog = Analog(module if module is not None else node.target, tuple(args), dict(kwargs), running,
+                    is_product(node, values))
+    if module is not None:  # a module keeps its name for its first call, its later calls are <name>_call2, ...
+        calls[node.target] = calls.get(node.target, 0) + 1
+        name = node.target if calls[node.target] == 1 else unique_name(gm, f"{node.target}_call{calls[node.target]}")
+    else:
+        base = node.target if isinstance(node.target, str) else node.target.__name__
+        name = unique_name(gm, f"{_scope(node)}{base}")
+    if name == node.target:
+        _set_module(gm, name, analog)
+    else:
+        gm.add_submodule(name, analog)
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(name, tuple(inputs))
+    node.replace_all_uses_with(call)
+    values.add(call)  # read by the products after it
+    gm.graph.erase_node(node)
+    return call
+
+
+def _reaches_weights(node: torch.fx.Node, modules: dict) -> bool:
+    """Whether the output of `node` reaches a weight layer or a product through linear maps only (not through a
+    spiking layer or another analog operator, which take it as it is)."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        user = frontier.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        module = modules.get(user.target) if user.op == "call_module" else None
+        if isinstance(module, WEIGHT_MODULES) or (user.op == "call_function" and user.target in WEIGHT_FUNCTIONS):
+            return True
+        if isinstance(module, Analog):
+            if module.product:
+                return True
+            continue
+        if isinstance(module, nn.ReLU) or user.op == "output":
+            continue
+        frontier.extend(user.users)
+    return False
+
+
+def _inputs_driven_by_weights(node: torch.fx.Node, modules: dict) -> list[torch.fx.Node]:
+    """The inputs of a weight layer or a product `node` (none for any other node) that the output of a weight
+    layer reaches through linear maps only."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(module, WEIGHT_MODULES) or (node.op == "call_function" and node.target in WEIGHT_FUNCTIONS):
+        inputs = node.args[:1]
+    elif isinstance(module, Analog) and module.product:
+        inputs = node.args
+    else:
+        return []
+    return [value for value in dict.fromkeys(inputs) if _driven_by_weights(value, modules)]
+
+
+def _driven_by_weights(value: torch.fx.Node, modules: dict) -> bool:
+    frontier, seen = [value], set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, WEIGHT_MODULES) or (node.op == "call_function" and node.target in WEIGHT_FUNCTIONS):
+            return True
+        if not isinstance(module, nn.ReLU | Analog):  # a spiking layer or an analog operator drives it
+            frontier.extend(node.all_input_nodes)
+    return False
