@@ -9,7 +9,7 @@ from snnbench.core.graph import canonicalize
 from snnbench.core.neurons import IFNeuron, SpikingGraph
 from snnbench.models.convnet import ConvNet
 from snnbench.models.resnet import ResNet
-from snnbench.simulation.backend import spiking_layers
+from snnbench.simulation.backend import spiking_layers, with_constant_currents
 from snnbench.simulation.integer_conv import (
     IntegerLayer,
     MapOrRows,
@@ -174,11 +174,11 @@ def test_integer_layers_and_emitted_coefficients_compute_what_the_float_network_
     snn, (images, _) = active_vgg(**knobs), image_batches(1)[0]
 
     def run(replacements):
-        module = SpikingGraph(snn).with_modules(replacements(SpikingGraph(snn)))
+        module = with_constant_currents(SpikingGraph(snn).with_modules(replacements(SpikingGraph(snn))), "direct")
         neurons = spiking_layers(module).values()
         for neuron in neurons:
-            neuron.reset(len(images), total_steps=6)
-            neuron.steps = 6
+            neuron.begin(6)
+            neuron.next_chunk(6)
         with torch.inference_mode():
             return module(images), neurons
     floats, neurons = run(lambda graph: {})
@@ -213,10 +213,10 @@ def test_poolings_after_emitting_neurons_sum_and_a_shared_one_keeps_averaging():
         torch.manual_seed(0)
         snn = SharedPooling()
         replacements = integer_modules(SpikingGraph(snn)) if integer else {}
-        module = SpikingGraph(snn).with_modules(replacements)
+        module = with_constant_currents(SpikingGraph(snn).with_modules(replacements), "direct")
         for neuron in spiking_layers(module).values():
-            neuron.reset(len(images), total_steps=4)
-            neuron.steps = 4
+            neuron.begin(4)
+            neuron.next_chunk(4)
         with torch.inference_mode():
             outputs.append(module(images))
         if integer:

@@ -9,8 +9,8 @@ from snnbench.core.neurons import IFNeuron, capped_at_clip
 def run(neuron: IFNeuron, currents: torch.Tensor) -> torch.Tensor:
     """Feed currents [T, N] step by step; return the emitted values [T, N]."""
     T, n = currents.shape
-    neuron.reset(batch=n, total_steps=T)
-    neuron.steps = 1
+    neuron.begin(T)
+    neuron.next_chunk(1)
     return torch.stack([neuron(currents[t]) for t in range(T)])
 
 

@@ -157,3 +157,36 @@ def test_the_engine_is_chosen_for_the_device_and_refused_with_the_fix(monkeypatc
     ]:
         with pytest.raises(UserError, match=message):
             choose_engine(*args)
+
+
+class TokenResidual(nn.Module):
+    """A transformer's pattern: token embeddings computed from the image (one current for every step under direct
+    coding) added to per-step values (a residual around spiking layers), and neurons fed windows of the tokens
+    folded into the batch dimension (Swin), not the images."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = nn.Linear(9, 8)
+        self.neuron = IFNeuron(torch.tensor(0.3), c_max=None, neg_threshold=1.0)
+        self.mix = nn.Linear(8, 8)
+        self.window_neuron = IFNeuron(torch.tensor(0.4))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x.view(x.shape[0], 4, 9))           # [batch, 4 tokens, 8]
+        tokens = tokens + self.mix(self.neuron(tokens))          # the image's tokens meet per-step values
+        windows = self.window_neuron(tokens.reshape(-1, 2, 8))   # [batch x 2 windows, 2 tokens, 8]
+        return self.head(windows.reshape(-1, 4, 8).mean(1) + tokens.mean(1))
+
+
+@pytest.mark.parametrize("coding", ["direct", "poisson"])
+def test_currents_computed_once_meet_per_step_values_and_windows_fold_into_the_batch(coding):
+    data, T = batches(shape=(1, 6, 6)), 9
+    reference = simulate_step_by_step(TokenResidual(), data, T, coding=coding, seed=3)
+    assert all(events.sum() > 0 for events in reference.events.values())
+    for chunk in (2, 4, 9):
+        folded = simulate(TokenResidual(), data, T, chunk, coding=coding, seed=3)
+        assert torch.equal(folded.correct, reference.correct)
+        for name in reference.events:
+            assert torch.equal(folded.events[name], reference.events[name])

@@ -19,10 +19,10 @@ def simulate(product, a, b, chunks):
     the batch dimension as the engines do; the outputs per step [T, batch, ...]."""
     T, batch = a.shape[:2]
     assert sum(chunks) == T
-    product.reset(batch=batch, total_steps=T)
+    product.begin(T)
     outputs, start = [], 0
     for steps in chunks:
-        product.steps = steps
+        product.next_chunk(steps)
         out = product(a[start:start + steps].flatten(0, 1), b[start:start + steps].flatten(0, 1))
         outputs.append(out.view(steps, batch, *out.shape[1:]))
         start += steps
@@ -61,9 +61,10 @@ def test_constant_operands_give_the_product_of_their_values_every_step():
     x = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
     y = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
     product = SpikeProduct(spiking=(False, False))
-    product.reset(batch=2, total_steps=6)
+    product.declare_constant_inputs([0])  # x: one current for every step of a chunk; y: given per step
+    product.begin(6)
     for steps in (4, 2):
-        product.steps = steps
+        product.next_chunk(steps)
         out = product(x, y.repeat(steps, 1, 1)).view(steps, 2, 4, 5)
         torch.testing.assert_close(out, (x @ y).expand(steps, 2, 4, 5), rtol=1e-12, atol=1e-12)
 
@@ -109,10 +110,10 @@ def test_windows_folded_into_the_batch_dimension():
     a = spike_train(6, 2 * 4, 3, 5, 4, generator=generator)   # 2 images x 4 windows
     b = spike_train(6, 2 * 4, 3, 4, 5, generator=generator)
     product = SpikeProduct()
-    product.reset(batch=2, total_steps=6)
+    product.begin(6)
     outputs = []
     for start, steps in ((0, 4), (4, 2)):
-        product.steps = steps
+        product.next_chunk(steps)
         outputs.append(product(a[start:start + steps].flatten(0, 1), b[start:start + steps].flatten(0, 1))
                        .unflatten(0, (steps, -1)))
     t = torch.arange(1, 7, dtype=torch.float64).view(-1, 1, 1, 1, 1)

@@ -62,8 +62,8 @@ def test_split_neurons_round_their_input_sum_to_a_kth_of_the_threshold(copies):
     currents = torch.linspace(-0.4, 2.4, 57)  # never a tie between two rounding levels
     split = SplitReLU(channels=57, copies=copies)
     split.relu = IFNeuron(torch.full((57 * copies,), theta / copies), v0=split.phases(0.5))
-    split.relu.reset(batch=1, total_steps=T)
-    split.relu.steps = T
+    split.relu.begin(T)
+    split.relu.next_chunk(T)
     emitted = split(currents.expand(T, -1)).sum(0)
     levels = torch.floor(copies * T * currents / theta + 0.5).clamp(0, copies * T)
     torch.testing.assert_close(emitted, theta / copies * levels)
@@ -99,7 +99,7 @@ def test_each_threshold_is_the_best_candidate_on_the_currents_from_the_tuned_lay
 
     def error(scale):
         neuron = IFNeuron(thresholds[name] * scale, v0=0.5, neg_threshold=neg_threshold)
-        neuron.reset(len(x), T)
+        neuron.begin(T)
         rate = sum(neuron(current) for current in seen) / T
         return ((rate - target) ** 2).mean().item()
 

@@ -74,13 +74,13 @@ def test_the_kernel_computes_what_the_neuron_does_bit_for_bit(kind, shape):
     # not dyadic, and large enough for several spikes per step: every rounding of the rule is exercised
     currents = (torch.randn(7, batch, *sample, generator=generator) * 0.6 + 0.2).to(DEVICE)
     for neuron in (reference, fused):
-        neuron.reset(batch, total_steps=7)
+        neuron.begin(7)
     for first, steps in ((0, 3), (3, 1), (4, 3)):
         chunk = currents[first:first + steps].flatten(0, 1)
         chunk = chunk.contiguous(memory_format=layout) if chunk.dim() == 4 else chunk
         outputs = []
         for neuron in (reference, fused):
-            neuron.steps = steps
+            neuron.next_chunk(steps)
             outputs.append(neuron(chunk))
         assert torch.equal(outputs[1], outputs[0])
         assert torch.equal(fused.v, reference.v)
@@ -99,8 +99,9 @@ def test_a_constant_current_is_read_once_per_chunk_and_integrated_every_step(kin
     current = torch.rand(3, 4, 5, 5, generator=torch.Generator().manual_seed(4)).to(DEVICE)  # every step
     outputs = []
     for neuron in (reference, fused):
-        neuron.reset(3, total_steps=6)
-        neuron.steps = 6
+        neuron.declare_constant_inputs([0])
+        neuron.begin(6)
+        neuron.next_chunk(6)
         outputs.append(neuron(current))
     assert outputs[0].shape == (18, 4, 5, 5) and torch.equal(outputs[1], outputs[0])
     assert torch.equal(fused.v, reference.v) and torch.equal(fused.counts, reference.counts)
@@ -114,7 +115,7 @@ def test_floor_quotients_next_to_whole_numbers_are_exact():
     exact = torch.floor(v.double() / theta.double())  # float64: no rounding to a whole number this close
     outputs = []
     for neuron in (IFNeuron(theta, c_max=None), triton_neuron.TritonNeuron(theta, c_max=None, emits_coefficients=True)):
-        neuron.reset(2, total_steps=1)
+        neuron.begin(1)
         outputs.append(neuron(v))
     assert torch.equal(outputs[1], exact.float())
     assert torch.equal(outputs[0], exact.float() * theta)

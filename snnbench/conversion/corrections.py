@@ -15,6 +15,7 @@ import torch
 from snnbench.core.calibrate import record_activations
 from snnbench.core.graph import spiking_layer_names
 from snnbench.core.neurons import IFNeuron
+from snnbench.core.stepped import broadcast_over_sample
 from snnbench.simulation.simulate import simulate
 
 
@@ -65,15 +66,9 @@ def correct_initial_potential(neuron, currents, target) -> float:
     the start. Returns the mean absolute error per neuron before."""
     T, batch = currents.shape[:2]
     error = (rate_of(neuron, neuron.threshold, currents.flatten(0, 1), T, batch, neuron.bias) - target).mean(0)
-    neuron.v0 = _per_neuron(neuron.v0, error.dim()) - T * error / _per_neuron(neuron.threshold, error.dim())
+    neuron.v0 = (broadcast_over_sample(neuron.v0, error.dim())
+                 - T * error / broadcast_over_sample(neuron.threshold, error.dim()))
     return error.abs().mean().item()
-
-
-def _per_neuron(value: torch.Tensor, sample_dims: int) -> torch.Tensor:
-    """A scalar, one value per channel or one per neuron, as it broadcasts over one sample's activations."""
-    if value.dim() in (0, sample_dims):
-        return value
-    return value.view(-1, *[1] * (sample_dims - 1))
 
 
 def rate_of(like, threshold, currents, T, batch, bias=None) -> torch.Tensor:
@@ -82,8 +77,9 @@ def rate_of(like, threshold, currents, T, batch, bias=None) -> torch.Tensor:
     neuron = IFNeuron(threshold, v0=like.v0, c_max=like.c_max, neg_threshold=like.neg_threshold,
                       require_positive_net=like.require_positive_net)
     neuron.bias = bias
-    neuron.reset(batch, T)
-    neuron.steps = T
+    neuron.begin(T)
+    neuron.next_chunk(T)
+    neuron.declare_constant_inputs([0] if len(currents) == batch else [])
     output = neuron(currents)
     return output.view(T, batch, *output.shape[1:]).mean(0)
 

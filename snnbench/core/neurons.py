@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from snnbench.core.stepped import Stepped
+from snnbench.core.stepped import Stepped, broadcast_over_sample
 
 
 class IFNeuron(Stepped):
@@ -41,8 +41,7 @@ class IFNeuron(Stepped):
         self.require_positive_net = require_positive_net
         self.register_buffer("bias", None)  # optional current per channel, added every step (TTRBR)
         self.emits_coefficients = emits_coefficients
-        self.steps = 1
-        self.reset(batch=0, total_steps=0)
+        self.begin(total_steps=0)
 
     @classmethod
     def like(cls, neuron: "IFNeuron", emits_coefficients: bool | None = None) -> "IFNeuron":
@@ -53,10 +52,9 @@ class IFNeuron(Stepped):
         copy.bias = neuron.bias
         return copy
 
-    def reset(self, batch: int, total_steps: int):
-        """Start a new sample batch: clear the membrane and the per-step counters, which stay on the neuron's
-        device (no copy to the host per chunk)."""
-        self.batch = batch
+    def begin(self, total_steps: int):
+        """Start a new sample batch: clear the membrane (made at the first chunk, shaped like one step of its input)
+        and the per-step counters, which stay on the neuron's device (no copy to the host per chunk)."""
         self.t = 0
         self.v = None
         self.net = None
@@ -73,17 +71,17 @@ class IFNeuron(Stepped):
                 f"require_positive_net={self.require_positive_net}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        steps, batch = self.steps, self.batch
-        # A batch-sized input in a multi-step chunk is a constant current (direct coding, computed once).
-        constant = steps > 1 and x.shape[0] == batch
-        theta = _per_channel(self.threshold, x.dim() - 1)
+        steps = self.steps
+        constant = 0 in self.constant_inputs
+        rows = x.shape[0] if constant else x.shape[0] // steps  # one step's samples (images, or windows of them)
+        theta = broadcast_over_sample(self.threshold, x.dim() - 1)
         layout = _layout(x)
         if self.v is None:
-            v0 = _per_channel(self.v0, x.dim() - 1) * theta
-            self.v = v0.expand(batch, *x.shape[1:]).clone(memory_format=layout)
+            v0 = broadcast_over_sample(self.v0, x.dim() - 1) * theta
+            self.v = v0.expand(rows, *x.shape[1:]).clone(memory_format=layout)
             self.net = torch.zeros_like(self.v) if self.neg_threshold is not None else None
         # the emitted values, written in place
-        out = torch.empty((steps * batch, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=layout)
+        out = torch.empty((steps * rows, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=layout)
         self.counts[:, self.t:self.t + steps] += self._run_steps(x, constant, theta, out)
         self.t += steps
         return out
@@ -91,18 +89,18 @@ class IFNeuron(Stepped):
     def _run_steps(self, x: torch.Tensor, constant: bool, theta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Integrate this chunk's input `x` ([steps x batch, ...], or one constant current [batch, ...]) step by
         step, firing into `out` [steps x batch, ...]; return the spike units and events of each step [2, steps]."""
-        steps, batch = self.steps, self.batch
-        currents = x if constant else x.view(steps, batch, *x.shape[1:])
+        steps, rows = self.steps, len(self.v)
+        currents = x if constant else x.view(steps, rows, *x.shape[1:])
         if self.bias is not None:
-            currents = currents + _per_channel(self.bias, x.dim() - 1)
+            currents = currents + broadcast_over_sample(self.bias, x.dim() - 1)
         if self.scratch is None:
             # this step's coefficients (or their magnitudes, when the neuron emits them) and negative events:
             # reused by every step (no allocation, stays in cache)
             negative = self.neg_threshold is not None
             self.scratch = torch.empty_like(self.v), (torch.empty_like(self.v) if negative else None)
-        out = out.view(steps, batch, *x.shape[1:])
-        # per step and image, the spike units and events
-        counts = torch.empty((2, steps, batch), dtype=x.dtype, device=x.device)
+        out = out.view(steps, rows, *x.shape[1:])
+        # per step and row, the spike units and events
+        counts = torch.empty((2, steps, rows), dtype=x.dtype, device=x.device)
         scratch, undo = self.scratch
         for step in range(steps):
             self.v.add_(currents if constant else currents[step])
@@ -187,12 +185,6 @@ class SpikingGraph:
         for name, replacement in replacements.items():
             module.add_submodule(name, replacement)  # into the new module's own containers
         return module
-
-
-def _per_channel(value: torch.Tensor, sample_dims: int) -> torch.Tensor:
-    """A scalar, per-channel values broadcast over the spatial dimensions of conv feature maps, or one value per
-    neuron (shaped like one sample)."""
-    return value if value.dim() in (0, sample_dims) else value.view(-1, *([1] * (sample_dims - 1)))
 
 
 def _per_image(x: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from snnbench.core.graph import device_of
+from snnbench.core.graph import device_of, unique_name, value_nodes
 from snnbench.core.neurons import IFNeuron, SpikingGraph
-from snnbench.core.stepped import Stepped
+from snnbench.core.stepped import RepeatSteps, Stepped
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -139,13 +139,13 @@ class Simulation:
         generator = (torch.Generator(device=settings.device).manual_seed(settings.seed * 1_000_003 + index)
                      if settings.coding == "poisson" else None)
         for state in self.stepped[graph]:
-            state.reset(batch, T)
+            state.begin(T)
         correct = torch.zeros(T, dtype=torch.long, device=settings.device)
         accumulated = None
         for start in range(0, T, chunk):
             steps = min(chunk, T - start)
             for state in self.stepped[graph]:
-                state.steps = steps
+                state.next_chunk(steps)
             inputs = images if generator is None else placed(_poisson(images, steps, generator), settings.device,
                                                              settings.layout)
             # the output layer does not spike: the prediction at t is the argmax of its summed input up to t
@@ -194,7 +194,7 @@ class Backend(abc.ABC):
             for name, state in _stepped_of(module).items():
                 if number and state in own:
                     module.add_submodule(name, type(state).like(state))
-            modules.append(module)
+            modules.append(with_constant_currents(module, settings.coding))
         return Simulation(modules, settings)
 
     @abc.abstractmethod
@@ -231,6 +231,39 @@ def computed_once(graph: SpikingGraph) -> dict[str, nn.Module]:
     return found
 
 
+def with_constant_currents(module: torch.fx.GraphModule, coding: str) -> torch.fx.GraphModule:
+    """`module` with its constant currents declared. Under direct coding what the graph computes from the image
+    alone (before any stepped module) is one current for every step of a chunk, [rows, ...]: each stepped module
+    that reads one is told so, and where one meets per-step values anywhere else (a residual addition of token
+    embeddings and attention outputs, the output) it is repeated for the steps of the chunk (RepeatSteps)."""
+    stepped = _stepped_of(module)
+    for state in stepped.values():
+        state.declare_constant_inputs(())
+    if coding != "direct":
+        return module
+    values = value_nodes(module.graph)  # sizes of the image are not currents
+    constant, per_step, repeated = set(), set(), {}
+    for node in list(module.graph.nodes):
+        if node.op == "call_module" and node.target in stepped:
+            stepped[node.target].declare_constant_inputs(
+                position for position, arg in enumerate(node.args) if arg in constant)
+            per_step.add(node)
+        elif node.op == "output" or any(arg in per_step for arg in node.all_input_nodes):
+            per_step.add(node)
+            for arg in [arg for arg in node.all_input_nodes if arg in constant]:
+                if arg not in repeated:
+                    name = unique_name(module, f"{arg.name}_repeated")
+                    module.add_submodule(name, RepeatSteps())
+                    with module.graph.inserting_after(arg):
+                        repeated[arg] = module.graph.call_module(name, (arg,))
+                node.replace_input_with(arg, repeated[arg])
+        elif node in values:
+            constant.add(node)
+    if repeated:
+        module.recompile()
+    return module
+
+
 def spiking_layers(model: nn.Module) -> dict[str, IFNeuron]:
     return {name: m for name, m in model.named_modules() if isinstance(m, IFNeuron)}
 
@@ -242,8 +275,8 @@ def activation_elements(model: nn.Module, sample: torch.Tensor) -> int:
         if not list(module.children()):
             hooks.append(module.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o[0].numel())))
     for state in (module for module in model.modules() if isinstance(module, Stepped)):
-        state.reset(batch=1, total_steps=1)
-        state.steps = 1
+        state.begin(total_steps=1)
+        state.next_chunk(1)
     with torch.inference_mode():
         model(sample[:1].to(device_of(model)))
     for h in hooks:

@@ -24,6 +24,7 @@ from snnbench.conversion.corrections import cancel_mean_error, correct_initial_p
 from snnbench.conversion.methods import Method, check_choice, check_flag, check_positive_int, converted, spiking_copy
 from snnbench.core.calibrate import record_activations
 from snnbench.core.graph import device_of, spiking_layer_names
+from snnbench.core.stepped import broadcast_over_sample
 from snnbench.errors import UserError
 
 CANDIDATES = 95     # thresholds max x (1 - 0.01 i) searched (find_threshold_mse)
@@ -111,7 +112,7 @@ def best_threshold(activation: torch.Tensor, T: int, per_channel: bool) -> torch
 def clip_floor(x: torch.Tensor, T: int, theta: torch.Tensor) -> torch.Tensor:
     """What T steps of an IF neuron of threshold theta can say about a constant input x: floor(clamp(x T /
     theta, 0, T)) theta / T (theta a scalar or one per channel)."""
-    theta = _over_channels(theta, x)
+    theta = broadcast_over_sample(theta, x.dim() - 1)
     return torch.floor(torch.clamp(x * T / theta, 0, T)) * theta / T
 
 
@@ -122,6 +123,3 @@ def _maximum(activation: torch.Tensor, per_channel: bool) -> torch.Tensor:
 def _mean_square(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return (x ** 2).transpose(0, 1).flatten(1).mean(1) if per_channel else (x ** 2).mean()
 
-
-def _over_channels(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return value if value.dim() == 0 else value.view(1, -1, *[1] * (like.dim() - 2))

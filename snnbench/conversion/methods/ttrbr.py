@@ -36,6 +36,7 @@ from snnbench.conversion.methods import (
 from snnbench.conversion.restructure import KINDS, Restructuring, SplitReLU
 from snnbench.core.calibrate import calibrate
 from snnbench.core.graph import device_of
+from snnbench.core.stepped import broadcast_over_sample
 from snnbench.errors import UserError
 
 ERRORS = ("error_rms", "quantization_rms", "deviation_rms")
@@ -121,7 +122,7 @@ def _squared_errors(neuron, currents, target, threshold) -> torch.Tensor:
     rate = rate_of(neuron, threshold, currents.flatten(0, 1), T, batch)
     mean_current = currents.mean(0)
     constant_rate = rate_of(neuron, threshold, mean_current, T, batch)
-    theta = threshold.view(-1, *[1] * (target.dim() - 2)) if threshold.dim() else threshold
+    theta = broadcast_over_sample(threshold, target.dim() - 1)
     clipped = torch.minimum(mean_current.clamp(min=0), theta)
     return torch.stack([channel_sums((rate - target) ** 2), channel_sums((constant_rate - clipped) ** 2),
                         channel_sums((rate - constant_rate) ** 2)])
