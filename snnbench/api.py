@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from snnbench import methods
-from snnbench.conversion.methods import Conversion, Method, get, method_class
+from snnbench.conversion.methods import Conversion, Method, check_nonlinear, get, method_class
 from snnbench.core.analog import analog_values
 from snnbench.core.analysis import count_macs
 from snnbench.core.calibrate import calibrate
@@ -45,8 +45,9 @@ class Converted:
     T: int                    # the time steps the conversion is for
     ann: nn.Module            # the canonical network the spiking one was made from (BatchNorm folded)
     conversion: Conversion    # the spiking network (.snn), its calibration, fan-out and per-layer diagnostics
-    macs: dict[str, int]      # multiply-accumulates per image of each conv and linear layer of `ann`
-    analog: dict[str, int]    # values per image of each analog operator of `ann` (nonlinear="compensate")
+    macs: dict[str, int]      # multiply-accumulates per image of each conv, linear layer and attention product of `ann`
+    analog: dict[str, int]    # MACs per image and step of each analog operator of `ann` (nonlinear="compensate";
+                              # the products of spike trains are counted by the simulation)
 
     @property
     def snn(self) -> nn.Module:
@@ -105,6 +106,7 @@ def convert(model: nn.Module, method: str | Method, calibration_images, *, T: in
     pooling as average pooling; `nonlinear` is conf/config.yaml's convert.nonlinear. `device`: where the conversion
     runs (None: the model's)."""
     method = _method(method, knobs)
+    check_nonlinear(method.name, nonlinear)
     _positive_int("T", T)
     if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
         raise UserError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for the maximum")
@@ -168,5 +170,5 @@ def simulate(converted: Converted, batches, T: int | None = None, *, coding: str
                "method": converted.method.name, "dataset": dataset, "model": converted.model,
                "num_test_images": result.num_images, "coding": coding, "device": str(device),
                "engine": settings.engine, **costs(accuracy, converted.macs, coding, mac_pj, ac_pj,
-                                                                 converted.analog)}
+                                                                 converted.analog, counts)}
     return Result(accuracy, layers, summary, counts)

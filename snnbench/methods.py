@@ -9,10 +9,11 @@ from snnbench.conversion.methods.baseline import Baseline
 from snnbench.conversion.methods.burst import Burst
 from snnbench.conversion.methods.calibration import Calibration
 from snnbench.conversion.methods.calibration_advanced import CalibrationAdvanced
+from snnbench.conversion.methods.ecmt import ECMT
 from snnbench.conversion.methods.qcfs import QCFS
 from snnbench.conversion.methods.snm import SNM
 from snnbench.conversion.methods.termapping import TerMapping
 from snnbench.conversion.methods.ttrbr import TTRBR
 
-__all__ = ["QCFS", "SNM", "TTRBR", "AugMapping", "Baseline", "Burst", "Calibration", "CalibrationAdvanced", "Method",
-           "TerMapping", "available", "method_class"]
+__all__ = ["ECMT", "QCFS", "SNM", "TTRBR", "AugMapping", "Baseline", "Burst", "Calibration", "CalibrationAdvanced",
+           "Method", "TerMapping", "available", "method_class"]

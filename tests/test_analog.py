@@ -52,10 +52,11 @@ def test_an_analog_operator_sums_to_t_times_f_of_the_mean_input_in_chunks_of_any
     if constant:  # an input current constant over the chunk (direct coding), given once per chunk
         inputs = [x[:1].expand(T, *x.shape[1:]) for x in inputs]
     operator_ = AnalogOperator(function)
-    operator_.reset(batch, T)
+    operator_.declare_constant_inputs(range(len(inputs)) if constant else ())
+    operator_.begin(T)
     emitted, start = [], 0
     for steps in chunks:
-        operator_.steps = steps
+        operator_.next_chunk(steps)
         chunk = [x[start] if constant else x[start:start + steps].flatten(0, 1) for x in inputs]
         emitted.append(operator_(*chunk).view(steps, batch, *SHAPE))
         start += steps
@@ -126,6 +127,31 @@ def test_every_function_and_method_form_converts_and_computes_the_model():
     assert errors[1] < errors[0] / 4
 
 
+class NegativeTanh(nn.Module):
+    """A tanh whose outputs are all negative (near -1), feeding a linear layer: a signed layer with no positive
+    value to calibrate on."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.fc = nn.Linear(64, 8), nn.Linear(8, 10)
+        nn.init.constant_(self.hidden.bias, -3.0)
+        nn.init.zeros_(self.hidden.weight)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.hidden(x.flatten(1))))
+
+
+@pytest.mark.parametrize("rule", ["percentile", "local_balancing"])
+def test_a_signed_layer_is_calibrated_on_the_magnitude_of_its_values(rule):
+    ann = canonicalize(NegativeTanh(), nonlinear="compensate").module
+    images = torch.rand(20, 1, 8, 8)
+    threshold = calibrate(ann, [images[:10], images[10:]], 100, False, "cpu", rule=rule).thresholds["tanh_spikes"]
+    magnitude = -torch.tanh(torch.tensor(-3.0)).item()  # every value of the layer is tanh(-3)
+    # the maximum; local balancing grows 0 by twice the mean overflow on the first batch, none on the second
+    expected = magnitude if rule == "percentile" else 2 * magnitude
+    assert threshold.item() == pytest.approx(expected, rel=1e-5)
+
+
 def mobile_style():
     torch.manual_seed(0)
     return randomised(MobileStyle(width=8))
@@ -168,12 +194,13 @@ def snn_of(model, images, **knobs):
 
 @torch.inference_mode()
 def mean_outputs(snn, images, T):
-    """The spiking network's output summed over T steps, divided by T (one chunk of T steps)."""
+    """The spiking network's output summed over T steps, divided by T (one chunk of T steps, the images given at
+    every step)."""
     for module in snn.modules():
         if isinstance(module, Stepped):
-            module.reset(len(images), T)
-            module.steps = T
-    return snn(images).view(T, len(images), -1).mean(0)
+            module.begin(T)
+            module.next_chunk(T)
+    return snn(images.repeat(T, 1, 1, 1)).view(T, len(images), -1).mean(0)
 
 
 def test_the_spiking_outputs_approach_the_ann_logits_as_t_grows():

@@ -11,7 +11,8 @@ from snnbench.app.cli import CONF_DIR, options
 GROUPS = [path.name for path in sorted(CONF_DIR.iterdir()) if path.is_dir() and path.name != "hydra"]
 # options that need a key only the user can give: what the run is refused without
 NEEDS_USER_INPUT = {("model", "custom"): "model=custom needs the class or factory to build",
-                    ("method", "qcfs"): "method=qcfs converts an ANN trained with QCFS activations"}
+                    ("method", "qcfs"): "method=qcfs converts an ANN trained with QCFS activations",
+                    ("method", "ecmt"): "method=ecmt computes the nonlinear operations as analog operators"}
 
 
 def composed(overrides: list[str]):

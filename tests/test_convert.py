@@ -41,9 +41,12 @@ RELU_CALLS = {"resnet18": 17, "vgg16_bn": 15, "mixed": 10}
 
 
 def randomised(model):
-    """Non-trivial BatchNorm statistics, so folding has something to get wrong."""
+    """Non-trivial BatchNorm statistics, so folding has something to get wrong, and no layer of zeros (torchvision
+    initialises ViT's head to zero: its logits would be 0 for every image, equal whatever the conversion does)."""
     generator = torch.Generator().manual_seed(0)
     for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            module.reset_parameters()
         if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
             module.running_mean.copy_(torch.rand(module.num_features, generator=generator) * 2 - 1)
             module.running_var.copy_(torch.rand(module.num_features, generator=generator) * 1.5 + 0.5)

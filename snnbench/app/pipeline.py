@@ -45,6 +45,7 @@ def validate(cfg: DictConfig):
         raise UserError("model=custom needs the class or factory to build: add model._target_=<module>.<Class> "
                         "(importable from the working directory or PYTHONPATH; docs/models.md)")
     methods.get(cfg.method.name).validate(cfg.method)
+    methods.check_nonlinear(cfg.method.name, cfg.convert.nonlinear)
 
 
 def _container(node) -> dict:
@@ -286,7 +287,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
         "engine": engine.engine, "sub_batch": engine.sub_batch, "chunk": engine.chunk, "blocks_at_once": engine.blocks,
         "channels_last": engine.layout == torch.channels_last, "integer_conv_min_depth": engine.integer_min_depth,
-        **costs(accuracy, macs, cfg.sim.coding, cfg.energy.mac_pj, cfg.energy.ac_pj, analog),
+        **costs(accuracy, macs, cfg.sim.coding, cfg.energy.mac_pj, cfg.energy.ac_pj, analog, counts),
         **{k: round(v, 3) for k, v in times.items()},
         "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha, "cache_entries": prepared.cache_entries,
     }

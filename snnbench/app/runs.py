@@ -128,7 +128,8 @@ def _accuracy(path: Path, T: int) -> pd.DataFrame:
 
 def _layers(path: Path):
     layers = pd.read_csv(path)
-    spiking = layers[layers.kind != "analog"] if "kind" in layers else layers  # analog operators do not fire
+    # analog operators and products of spike trains do not fire
+    spiking = layers[~layers.kind.isin(["analog", "product of spike trains"])] if "kind" in layers else layers
     if [column for column in LAYERS_COLUMNS if column not in layers.columns] or spiking.firing_rate.isna().any():
         raise ValueError(f"not the columns {', '.join(LAYERS_COLUMNS)} complete: truncated?")
 

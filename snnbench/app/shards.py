@@ -131,13 +131,16 @@ def merge(shards: list[Path], target: Path) -> Path:
     fan = {name: layer["fan_out"] for name, layer in counts[0]["layers"].items()}
     merged_counts = {"num_images": n, "ann_correct": sum(count["ann_correct"] for count in counts), "steps": steps,
                      "layers": {name: {**totals[name], "fan_out": fan[name]} for name in totals}}
+    if "products" in counts[0]:  # products of spike trains (convert.nonlinear=compensate)
+        merged_counts["products"] = {name: {key: sum(count["products"][name][key] for count in counts)
+                                            for key in work} for name, work in counts[0]["products"].items()}
 
     layers = pd.read_csv(shards[0] / "layers.csv")
     columns, counted = per_image(merged_counts, dict(zip(layers.layer, layers.neurons, strict=True)),
                                  summaries[0]["T"])
     accuracy = pd.read_csv(shards[0] / "accuracy.csv")[["method", "dataset", "model", "t"]].assign(**columns)
     for column in COUNTED_LAYER_COLUMNS:
-        layers[column] = [counted[name][column] if name in counted else None  # analog operators: no spikes
+        layers[column] = [counted[name].get(column) if name in counted else None  # analog operators: no spikes
                           for name in layers.layer]
 
     last = accuracy.iloc[-1]

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from snnbench.core.analog import Analog
+from snnbench.core.analog import MATRIX_PRODUCTS, Analog, spike_products
 from snnbench.core.graph import device_of, trace
 
 CONVS = nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -15,10 +15,11 @@ def fan_out(model: nn.Module) -> dict[str, float]:
     """Synapses per neuron of each ReLU layer of a canonical network: for every conv it reaches through linear
     ops (pooling, padding, additions, flattening, affine maps) C_out / groups * k^2 / stride^2 (a depthwise conv:
     k^2 / stride^2), for a linear layer its outputs, and 1 for an identity path into another neuron (a residual
-    shortcut)."""
-    modules = dict(model.named_modules())
+    shortcut); none into a product of spike trains (spike_products), which counts its own synaptic operations."""
+    traced = trace(model)
+    modules, products = dict(model.named_modules()), spike_products(traced)
     result = {}
-    for node in trace(model).graph.nodes:
+    for node in traced.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.ReLU):
             continue
         total, frontier, seen = 0.0, list(node.users), set()
@@ -32,6 +33,8 @@ def fan_out(model: nn.Module) -> dict[str, float]:
                 total += _conv_fan_out(target)
             elif isinstance(target, nn.Linear):
                 total += target.out_features
+            elif user.target in products:  # a product of spike trains counts its synaptic operations itself
+                continue
             elif isinstance(target, nn.ReLU | Analog):  # an analog operator adds each input to its running sum
                 total += 1.0
             elif user.op != "output":
@@ -50,18 +53,23 @@ def _conv_fan_out(conv: nn.modules.conv._ConvNd) -> float:
 @torch.inference_mode()
 def count_macs(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per image of every conv / linear layer (a grouped conv: in_channels / groups per
-    output), measured with forward hooks."""
+    output) and of every matrix product of two activations (attention's, an analog operator of the canonical
+    network: its inner dimension per output), measured with forward hooks."""
     macs, hooks = {}, []
 
     def hook(name):
         def record(module, inputs, output):
-            per_output = (module.in_channels // module.groups * math.prod(module.kernel_size)
-                          if isinstance(module, CONVS) else module.in_features)
+            if isinstance(module, Analog):
+                per_output = inputs[0].shape[-1]
+            elif isinstance(module, CONVS):
+                per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            else:
+                per_output = module.in_features
             macs[name] = output[0].numel() * per_output
         return record
 
     for name, module in model.named_modules():
-        if isinstance(module, CONVS | nn.Linear):
+        if isinstance(module, CONVS | nn.Linear) or isinstance(module, Analog) and module.function in MATRIX_PRODUCTS:
             hooks.append(module.register_forward_hook(hook(name)))
     model.eval()(sample[:1].to(device_of(model)))
     for h in hooks:

@@ -190,8 +190,8 @@ def with_traceable_transformers(model: nn.Module) -> nn.Module:
     """`model` with its attention in traceable parts, to be traced (again): every nn.MultiheadAttention becomes a
     TracedAttention with its weights and, where `model` is a traced graph, every node of IN_PARTS a call of the
     function that computes it in parts. A copy; `model` itself if it has neither."""
-    in_parts = ([node for node in model.graph.nodes if node.op == "call_function" and node.target in IN_PARTS]
-                if isinstance(model, torch.fx.GraphModule) else [])
+    in_parts = ([node for node in model.graph.nodes if node.op == "call_function" and node.target in IN_PARTS
+                 and not _is_cosine_attention(node)] if isinstance(model, torch.fx.GraphModule) else [])
     if not in_parts and not any(isinstance(module, nn.MultiheadAttention) for module in model.modules()):
         return model
     model = copy.deepcopy(model)
@@ -201,8 +201,13 @@ def with_traceable_transformers(model: nn.Module) -> nn.Module:
             setattr(model.get_submodule(parent_name), child, TracedAttention(module))
     if in_parts:
         for node in model.graph.nodes:
-            if node.op == "call_function" and node.target in IN_PARTS:
+            if node.op == "call_function" and node.target in IN_PARTS and not _is_cosine_attention(node):
                 node.target = IN_PARTS[node.target]
                 node.meta.pop("is_wrapped", None)  # else the recompiled code keeps the function opaque to fx
         model.recompile()
     return model
+
+
+def _is_cosine_attention(node: torch.fx.Node) -> bool:
+    """Swin V2's window attention (a logit_scale): left one opaque call, which conversion refuses."""
+    return node.target is swin.shifted_window_attention and node.kwargs.get("logit_scale") is not None

@@ -91,10 +91,12 @@ def balance(model: nn.Module, batches, per_channel: bool, device) -> Calibration
     (per channel, or over the whole layer), and the layers above see the activations clipped at the grown
     threshold, so each layer is balanced on what the clipped layers below give it."""
     model = model.eval().to(device)
-    names = spiking_layer_names(model)
+    names, signed = spiking_layer_names(model), signed_layers(model)
     thresholds, neurons, hooks = {}, {}, []
     for name in names:
         def grow_and_clip(module, inputs, output, name=name):
+            sign = output.sign() if name in signed else None  # a signed layer: balanced on the magnitude
+            output = output.abs() if name in signed else output
             reduced = [d for d in range(output.dim()) if d != 1] if per_channel else list(range(output.dim()))
             shape = [1, -1, *[1] * (output.dim() - 2)] if per_channel else []
             threshold = thresholds.get(name, output.new_zeros(output.shape[1] if per_channel else ()))
@@ -103,7 +105,8 @@ def balance(model: nn.Module, batches, per_channel: bool, device) -> Calibration
             clip = module.clip if isinstance(module, ClippedReLU) else None
             thresholds[name] = (threshold + 2 * overflow).clamp(min=BALANCING_EPS, max=clip)
             neurons[name] = output[0].numel()
-            return torch.minimum(output, thresholds[name].view(shape))
+            clipped = torch.minimum(output, thresholds[name].view(shape))
+            return clipped if sign is None else clipped * sign
         hooks.append(model.get_submodule(name).register_forward_hook(grow_and_clip))
     try:
         for images in batches:

@@ -17,11 +17,17 @@ AC_PJ = 0.9
 
 
 def counts_of(result, fan: dict, ann_accuracy: float) -> dict:
-    """counts.json: the sums over a simulation's images (a snnbench.simulation.backend.SimulationResult) behind
-    its per-image numbers, per t (cumulative, like accuracy.csv) and per spiking layer. Events and spike units are
+    """counts.json: the sums over a simulation's images (a snnbench.simulation.simulate.SpikingResult) behind
+    its per-image numbers, per t (cumulative, like accuracy.csv) and per spiking layer, and where the network
+    has products of spike trains per product (their synaptic operations are among the SOPs; their events are
+    the spikes arriving, which the neurons that emitted them counted already). Events and spike units are
     integers, so the shards' sums add up exactly."""
     n = result.num_images
     sops = sum(result.events[name] * fan[name] for name in result.events)
+    for work in result.products.values():
+        sops = sops + work[1]
+    products = {"products": {name: {"events": work[0].sum().item(), "synaptic_ops": work[1].sum().item(),
+                                    "macs": work[2].sum().item()} for name, work in result.products.items()}}
     return {
         "num_images": n,
         "ann_correct": round(ann_accuracy * n),  # the accuracy is correct / n: rounding recovers the count
@@ -31,12 +37,14 @@ def counts_of(result, fan: dict, ann_accuracy: float) -> dict:
                   "sops": sops.cumsum(0).tolist()},
         "layers": {name: {"events": result.events[name].sum().item(), "spike_units": result.units[name].sum().item(),
                           "fan_out": fan[name]} for name in result.events},
+        **(products if result.products else {}),
     }
 
 
 def per_image(counts: dict, neurons: dict, T: int) -> tuple[dict, dict]:
     """The per-image numbers of a run, or of merged shards, from its counts: accuracy.csv's columns over t, and
-    per spiking layer (`neurons` per image) layers.csv's counted columns. One formula for both."""
+    per spiking layer (`neurons` per image) and product of spike trains layers.csv's counted columns. One formula
+    for both."""
     n = max(counts["num_images"], 1)
     steps = counts["steps"]
     columns = {"accuracy": [correct / n for correct in steps["correct"]],
@@ -48,37 +56,46 @@ def per_image(counts: dict, neurons: dict, T: int) -> tuple[dict, dict]:
         events = layer["events"] / n
         layers[name] = {"events_per_image": events, "spike_units_per_image": layer["spike_units"] / n,
                         "firing_rate": events / (neurons[name] * T), "sops_per_image": events * layer["fan_out"]}
+    for name, work in counts.get("products", {}).items():  # products of spike trains: the spikes arriving
+        layers[name] = {"events_per_image": work["events"] / n, "sops_per_image": work["synaptic_ops"] / n}
     return columns, layers
 
 
 def tabulate(counts: dict, calibration: "Calibration", snn: "nn.Module", diagnostics: dict, T: int, *, method: str,
              dataset: str, model: str, analog: dict[str, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """accuracy.csv (one row per t, counts cumulative up to t) and layers.csv (one row per spiking layer, then one
-    per analog operator: `analog`, its values per image, in `neurons`; `kind` says which) from a run's counts
-    (counts_of), as a merge of shards computes them."""
-    from snnbench.core.analog import ANALOG, layer_kind  # torch: not for `snnbench report`
+    per product of spike trains with its events arriving and synaptic operations per image, then one per analog
+    operator: `analog`, its multiply-accumulates per image and step, in `neurons`; `kind` says which) from a run's
+    counts (counts_of), as a merge of shards computes them."""
+    from snnbench.core.analog import ANALOG, SPIKE_PRODUCT, layer_kind  # torch: not for `snnbench report`
 
     columns, counted = per_image(counts, calibration.neurons, T)
+    products = [{"layer": name, **counted[name], "kind": SPIKE_PRODUCT} for name in counts.get("products", {})]
     accuracy = pd.DataFrame({"method": method, "dataset": dataset, "model": model, "t": range(1, T + 1), **columns})
     layers = pd.DataFrame([{"layer": name, "neurons": calibration.neurons[name],
                             "threshold": snn.get_submodule(name).threshold.mean().item(),
                             **counted[name], **diagnostics.get(name, {}), "kind": layer_kind(snn.get_submodule(name))}
-                           for name in counted] + [{"layer": name, "neurons": values, "kind": ANALOG}
-                                                   for name, values in (analog or {}).items()])
+                           for name in counts["layers"]] + products
+                          + [{"layer": name, "neurons": values, "kind": ANALOG}
+                             for name, values in (analog or {}).items()])
     return accuracy, layers
 
 
 def costs(accuracy: pd.DataFrame, macs: dict[str, int], coding: str, mac_pj: float = MAC_PJ,
-          ac_pj: float = AC_PJ, analog: dict[str, int] | None = None) -> dict:
+          ac_pj: float = AC_PJ, analog: dict[str, int] | None = None, counts: dict | None = None) -> dict:
     """summary.json's cost entries: MACs of the ANN, events, spike units and SOPs of the SNN per image up to T, and
-    their energy in microjoules. ANN = MACs x mac_pj; SNN = SOPs x ac_pj, plus with direct coding the first
-    layer's MACs x mac_pj (it multiplies the analog image once: its current is constant), plus the analog
-    operators' MACs x mac_pj (`analog`: values per image of each, one MAC per value and step). The event-driven
-    share is event_driven_share's."""
+    their energy in microjoules. ANN = MACs x mac_pj; SNN = SOPs x ac_pj (the products of spike trains' synaptic
+    operations among them), plus with direct coding the first layer's MACs x mac_pj (it multiplies the analog
+    image once: its current is constant), plus the analog operators' MACs x mac_pj (`analog`: per image and step
+    of each) and the products of spike trains' (their running product rescaled to a rate: in `counts`, the run's
+    counts_of). The event-driven share is event_driven_share's."""
     macs_per_image = sum(macs.values())
     first_layer_macs = next(iter(macs.values())) if coding == "direct" else 0
     last = accuracy.iloc[-1]
     analog_macs = sum((analog or {}).values()) * int(last.t)
+    products = (counts or {}).get("products", {})
+    if products:
+        analog_macs += sum(work["macs"] for work in products.values()) / max(counts["num_images"], 1)
     return {
         "macs_per_image": macs_per_image,
         "events_per_image": float(last.events_per_image),

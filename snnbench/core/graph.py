@@ -26,9 +26,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torchvision.ops import StochasticDepth
 
 from snnbench.core.analog import Analog, Reencode, computes_analog
-from snnbench.core.stepped import Stepped
+from snnbench.core.attention import with_traceable_transformers
+from snnbench.core.stepped import Stepped, broadcast_over_sample
 from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
 from snnbench.models.qcfs import QCFS
@@ -46,7 +48,9 @@ DROPOUT_AS_MODULES = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropou
                       F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
                       F.feature_alpha_dropout: nn.FeatureAlphaDropout}
 DROPOUT_FUNCTIONS = set(DROPOUT_AS_MODULES)
-DROPOUT_MODULES = tuple(DROPOUT_AS_MODULES.values())
+# torchvision's stochastic depth (Swin, EfficientNet, ConvNeXt) drops whole paths in training, like dropout: one
+# call of its module (a leaf of the trace), which follows train() and eval()
+DROPOUT_MODULES = (*DROPOUT_AS_MODULES.values(), StochasticDepth)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 MAX_POOL_FUNCTIONS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d,
                       F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d}
@@ -119,8 +123,7 @@ class ChannelScale(nn.Module):
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale if self.scale.dim() == 0 or x.dim() < 3 else self.scale.view(-1, *[1] * (x.dim() - 2))
-        return x * scale
+        return x * broadcast_over_sample(self.scale, x.dim() - 1)
 
 
 LINEAR_MODULES = (*LINEAR_MODULES, ChannelScale)
@@ -137,14 +140,16 @@ class Activation:
 
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer, with the source line of every node; snnbench's input normalisation, QCFS activations,
-    clipped ReLUs and channel scales, spiking neurons and analog operators stay one call each."""
+    clipped ReLUs and channel scales, spiking neurons and analog operators, and torchvision's stochastic depth stay
+    one call each."""
 
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
 
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return (isinstance(module, Normalize | QCFS | ClippedReLU | ChannelScale | Stepped | Analog | Reencode)
+        return (isinstance(module, Normalize | QCFS | ClippedReLU | ChannelScale | Stepped | Analog | Reencode
+                           | StochasticDepth)
                 or super().is_leaf_module(module, name))
 
 
@@ -152,6 +157,8 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     """`model` as a GraphModule (the same submodules and state_dict keys), or a UserError if fx cannot trace it."""
     try:
         graph = _Tracer().trace(model)
+    except UserError:  # a part of the model that says itself why it cannot be converted
+        raise
     except Exception as err:  # control flow on tensor values, unsupported Python, ...
         raise UserError(f"torch.fx cannot trace {type(model).__name__} ({_first_line(err)}): snnbench converts "
                         "models whose forward has no control flow that depends on tensor values; see "
@@ -184,6 +191,9 @@ def canonicalize(model: nn.Module, maxpool: str = "error", nonlinear: str = "ref
     # a model traced already (snnbench puts the input normalisation in front that way) keeps its graph, whose
     # nodes know the user's source lines
     gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
+    in_parts = with_traceable_transformers(gm)
+    if in_parts is not gm:  # attention in parts, traced again (the nodes inside point at snnbench's attention.py)
+        gm = trace(in_parts)
     refusal = first_refused_node(gm, maxpool, nonlinear)
     if refusal:
         raise UserError(refusal)
@@ -278,7 +288,8 @@ def _as_weight_layer(gm, node):
 def trainable_trace(model: nn.Module) -> torch.fx.GraphModule:
     """`model` traced (the same submodules and state_dict keys) so that the graph trains as the model did:
     functional dropout becomes a Dropout module, which follows train() and eval() (fx records F.dropout's
-    `training` argument as the constant it was while tracing)."""
+    `training` argument as the constant it was while tracing); torchvision's StochasticDepth stays a module (a
+    leaf of the trace) for the same reason."""
     gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
     graph = gm.graph
     for node in list(graph.nodes):

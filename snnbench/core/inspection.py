@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from snnbench.core.analog import ANALOG, REENCODING, SPIKING, Reencode
+from snnbench.core.analog import ANALOG, REENCODING, SPIKE_PRODUCT, SPIKING, Reencode, spike_products
 from snnbench.core.analysis import fan_out
 from snnbench.core.graph import canonicalize
 
@@ -19,8 +19,9 @@ LAYER_COLUMNS = ["layer", "origin", "output_shape", "neurons", "fan_out", "kind"
 
 @dataclass
 class Inspection:
-    layers: pd.DataFrame   # one row per spiking layer, then per analog operator: LAYER_COLUMNS (origin: the call
-                           # it came from; neurons per image, an analog operator's values; fan_out: synapses per
+    layers: pd.DataFrame   # one row per spiking layer, then per analog operator or product of spike trains:
+                           # LAYER_COLUMNS (origin: the call it came from; neurons per image, an analog
+                           # operator's or product's output values; fan_out: synapses per
                            # neuron; kind: snnbench.core.analog.layer_kind's)
     parameters: int        # of the canonical network (BatchNorm folded)
     folded: list[str]      # "bn -> conv" for each BatchNorm folded
@@ -31,7 +32,7 @@ class Inspection:
     @property
     def neurons(self) -> int:
         """Neurons per image in all spiking layers."""
-        return int(self.layers[self.layers.kind != ANALOG].neurons.sum())
+        return int(self.layers[~self.layers.kind.isin([ANALOG, SPIKE_PRODUCT])].neurons.sum())
 
 
 def inspect(model: nn.Module, input_shape: tuple[int, ...], maxpool: str = "error",
@@ -45,11 +46,13 @@ def inspect(model: nn.Module, input_shape: tuple[int, ...], maxpool: str = "erro
     shapes = {node.target: tuple(node.meta["tensor_meta"].shape[1:]) for node in canonical.graph.nodes
               if node.op == "call_module" and (node.target in result.layers or node.target in result.analog)}
     fans = fan_out(canonical)
+    products = spike_products(canonical)
     kinds = {name: REENCODING if isinstance(canonical.get_submodule(name), Reencode) else SPIKING
              for name in result.layers}
     layers = pd.DataFrame([(name, origin, shapes[name], math.prod(shapes[name]), fans[name], kinds[name])
                            for name, origin in result.layers.items()]
-                          + [(name, origin, shapes[name], math.prod(shapes[name]), math.nan, ANALOG)
+                          + [(name, origin, shapes[name], math.prod(shapes[name]), math.nan,
+                              SPIKE_PRODUCT if name in products else ANALOG)
                              for name, origin in result.analog.items()], columns=LAYER_COLUMNS)
     return Inspection(layers, sum(p.numel() for p in canonical.parameters()), result.folded, result.removed,
                       result.replaced, result.affine)

@@ -34,24 +34,28 @@ class SpikeProduct(Stepped):
     def __init__(self, spiking: tuple[bool, bool] = (True, True)):
         super().__init__()
         self.spiking = spiking
-        self.steps = 1
         # the counts stay on the module's device, like a neuron's (no copy to the host per chunk)
         self.register_buffer("counts", torch.zeros(3, 0, dtype=torch.float64), persistent=False)
-        self.reset(batch=0, total_steps=0)
+        self.begin(total_steps=0)
 
     @classmethod
     def like(cls, module: "SpikeProduct") -> "SpikeProduct":
         return cls(module.spiking)
 
-    def reset(self, batch: int, total_steps: int):
-        """Start a new sample batch: clear the running sums and the per-step counters."""
-        self.batch = batch
+    def begin(self, total_steps: int):
+        """Start a new sample batch: clear the running sums. The per-step counters add up over the batches of a
+        simulation of `total_steps` steps (the engines collect only the neurons' counters after each batch, so
+        snnbench.simulation.simulate reads a product's once, at the end); clear_counts starts them again."""
         self.t = 0
         self.a_sum = self.b_sum = None  # the operands' running sums A_t, B_t [batch (x windows), ...]
         self.product = None             # A_t B_t
         self.emitted = None             # the output summed so far: A_t B_t / t
-        # per step, summed over the batch: the operands' non-zero entries where they are spike trains (the
-        # events arriving), synaptic operations, multiply-accumulates
+        if self.counts.shape[1] != total_steps:
+            self.clear_counts(total_steps)
+
+    def clear_counts(self, total_steps: int):
+        """Per step, summed over the samples since: the operands' non-zero entries where they are spike trains
+        (the events arriving), synaptic operations, multiply-accumulates."""
         self.counts = torch.zeros(3, total_steps, dtype=torch.float64, device=self.counts.device)
         self.events, self.synaptic_ops, self.macs = self.counts
 
@@ -62,7 +66,7 @@ class SpikeProduct(Stepped):
         steps = self.steps
         if a.dim() < 2 or b.dim() < 2:
             raise ValueError("SpikeProduct multiplies matrices (operands of at least two dimensions)")
-        a, b = self._per_step(a), self._per_step(b)
+        a, b = self.per_step(a, 0), self.per_step(b, 1)
         leading = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a, b = a.expand(*leading, *a.shape[-2:]), b.expand(*leading, *b.shape[-2:])
         if self.a_sum is None:
@@ -80,15 +84,6 @@ class SpikeProduct(Stepped):
         self.a_sum, self.b_sum, self.product, self.emitted = a_sums[-1], b_sums[-1], products[-1], emitted[-1]
         self.t += steps
         return out.flatten(0, 1)
-
-    def _per_step(self, x: torch.Tensor) -> torch.Tensor:
-        """An operand's chunk as [steps, batch x windows, ...]; an operand constant over the chunk repeated. Swin
-        folds its windows into the batch dimension, after the steps: what one step holds is a share of the
-        leading dimension, not the batch."""
-        steps, batch = self.steps, self.batch
-        if steps > 1 and x.shape[0] == batch:
-            return x.unsqueeze(0).expand(steps, *x.shape)
-        return x.unflatten(0, (steps, -1))
 
     def _work(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The events, synaptic operations and multiply-accumulates of each step of the chunk [3, steps], for the

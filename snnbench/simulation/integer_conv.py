@@ -109,6 +109,9 @@ class IntegerLayer(nn.Module):
         self.packed_threshold, self.packed_shape = threshold, input_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layer, nn.Linear) and x.dim() == 3 and self.neuron.threshold.dim() == 0:
+            # tokens [batch, tokens, features] (transformers): each token one row
+            return self(x.flatten(0, 1)).unflatten(0, x.shape[:2])
         shape = tuple(x.shape[1:])
         if self.packed_threshold is not self.neuron.threshold or self.packed_shape != shape:
             self._pack(shape)

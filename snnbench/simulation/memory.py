@@ -8,6 +8,7 @@ import psutil
 import torch
 from torch import nn
 
+from snnbench.core.spike_product import SpikeProduct
 from snnbench.errors import UserError
 from snnbench.simulation.backend import activation_elements, spiking_layers
 
@@ -21,6 +22,26 @@ def _gb(size: float) -> str:
     return f"{size / 2**30:.1f} GB"
 
 
+def step_elements(snn: nn.Module, image: torch.Tensor) -> int:
+    """Elements one time step of one image holds while a chunk is computed: every leaf module's output
+    (activation_elements) and, for each product of spike trains, the state it computes beside its output — the
+    operands' running sums before and after each step (3 x its operands) and the running products, rates and
+    increments (4 x its output): attention maps, the largest tensors of a transformer's chunk."""
+    extra, hooks = [0], []
+
+    def count(module, inputs, output):
+        extra[0] += 4 * output.numel() + 3 * sum(x.numel() for x in inputs)
+
+    for module in snn.modules():
+        if isinstance(module, SpikeProduct):
+            hooks.append(module.register_forward_hook(count))
+    try:
+        return activation_elements(snn, image) + extra[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def check_simulation_memory(snn: nn.Module, image: torch.Tensor, T: int, sub_batch: int, chunk: int, device):
     """Refuse a simulation of `snn` for T steps, `sub_batch` images x `chunk` steps at a time, whose per-step
     counters, result table and activations need more memory than is free (on the GPU and on the host)."""
@@ -30,7 +51,7 @@ def check_simulation_memory(snn: nn.Module, image: torch.Tensor, T: int, sub_bat
     counters = T * (4 * 8 * layers + 8)
     table = T * TABLE_BYTES_PER_STEP
     # float32 inputs and outputs of every layer for one chunk, as simulate.choose_chunk counts them
-    activations = 2 * 4 * activation_elements(snn, image) * sub_batch * chunk
+    activations = 2 * 4 * step_elements(snn, image) * sub_batch * chunk
     on_gpu = torch.device(device).type == "cuda"
     needs = {"GPU": counters + activations, "host": table} if on_gpu else {"host": counters + activations + table}
     free = {"host": psutil.virtual_memory().available}

@@ -6,16 +6,20 @@ implements (`Backend`: a spiking network and the settings in, a `Simulation` out
 images and chunks of steps that they share. The backends themselves are the modules of snnbench.simulation.engines.
 """
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import psutil
 import torch
+import torch.fx
 from torch import nn
 
+from snnbench.core.spike_product import SpikeProduct
 from snnbench.errors import UserError
 from snnbench.simulation import engines
-from snnbench.simulation.backend import Settings, SimulationResult, activation_elements, blocks_at_once
+from snnbench.simulation.backend import Settings, SimulationResult, blocks_at_once
 from snnbench.simulation.integer_conv import cpu_has_amx
+from snnbench.simulation.memory import step_elements
 
 # Defaults for sim.sub_batch=auto (images simulated at once), sim.chunk=auto (time steps folded into one batch)
 # and sim.channels_last=auto (feature-map layout) on each device, chosen by `snnbench bench` and by alternated runs
@@ -94,7 +98,7 @@ def engine_settings(sim, model: nn.Module, image: torch.Tensor, device) -> Engin
     engine, min_depth = choose_engine(sim.engine, sim.integer_conv, device)
     sub_batch, blocks = choose_sub_batch(sim.sub_batch, sim.batch_size, device), blocks_at_once(device, None, engine)
     chunk = 1 if engine == "reference" else choose_chunk(sim.chunk, sim.T, sub_batch * blocks,
-                                                         activation_elements(model, image), sim.max_memory_mb, device)
+                                                         step_elements(model, image), sim.max_memory_mb, device)
     return EngineSettings(engine, sub_batch, chunk, blocks, memory_format(sim.channels_last, device), min_depth)
 
 
@@ -134,10 +138,30 @@ def int8_min_depth(integer_conv) -> int | None:
 
 def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
              progress=None, layout=torch.contiguous_format, sub_batch: int | None = None, engine: str = "torch",
-             integer_min_depth: int | None = 0) -> SimulationResult:
+             integer_min_depth: int | None = 0) -> "SpikingResult":
     """Run T steps on every (images, labels) batch with the backend `engine` (snnbench.simulation.engines), `sub_batch`
     images at a time (None: the whole batch); `chunk` steps are folded into one batch at a time; feature maps in
     `layout` (a torch.memory_format); with the int8 engine the spike-fed convs and linear layers at least
     `integer_min_depth` deep compute in integers."""
     settings = Settings(T, chunk, coding, device, seed, layout, sub_batch, integer_min_depth)
-    return engines.get(engine).prepare(model, settings).run(batches, progress)
+    simulation = engines.get(engine).prepare(model, settings)
+    products = [_spike_products_of(module) for module in simulation.modules]
+    for product in (product for graph in products for product in graph.values()):
+        product.clear_counts(T)  # not what a probe of the network (engine settings, memory check) counted
+    result = simulation.run(batches, progress)
+    return SpikingResult(**vars(result), products={
+        name: sum(graph[name].counts for graph in products).cpu() for name in products[0]})
+
+
+@dataclass
+class SpikingResult(SimulationResult):
+    """A simulation's result with the work of its products of spike trains (SpikeProduct, which are not neurons):
+    per product, summed over the images, [3, T] the events arriving, synaptic operations and multiply-accumulates
+    at each t."""
+    products: dict[str, torch.Tensor]
+
+
+def _spike_products_of(module: torch.fx.GraphModule) -> dict[str, SpikeProduct]:
+    """The SpikeProducts a backend's module graph calls, by the name it calls them (a block's own copies)."""
+    return {node.target: module.get_submodule(node.target) for node in module.graph.nodes
+            if node.op == "call_module" and isinstance(module.get_submodule(node.target), SpikeProduct)}

@@ -97,6 +97,17 @@ def converted(ann, calibration: Calibration, snn: nn.Module, diagnostics: dict |
     return Conversion(snn, calibration, fan_out(ann), diagnostics or {}, restructuring)
 
 
+# methods whose rules are defined on analog operators (expectation compensation): they need them
+NEEDS_ANALOG_OPERATORS = {"ecmt"}
+
+
+def check_nonlinear(method: str, nonlinear: str):
+    """Refuse a method that needs analog operators when the nonlinear operations are not computed as such."""
+    if method in NEEDS_ANALOG_OPERATORS and nonlinear != "compensate":
+        raise UserError(f"method={method} computes the nonlinear operations as analog operators with expectation "
+                        "compensation: add convert.nonlinear=compensate")
+
+
 # ---- knob checks shared by the methods' validate functions ----
 
 def check_number(knobs, key: str, *, positive=False, allow_none=False, example=None):
