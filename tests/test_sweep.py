@@ -60,7 +60,7 @@ def test_two_job_sweep_through_a_launcher_trains_once_and_reports(tmp_path, laun
     report = snnbench("report", str(sweep_dir))
     assert report.returncode == 0, report.stderr
     assert "augmapping" in report.stdout and "baseline" in report.stdout  # the pivot, on stdout
-    assert report.stderr.startswith("2 complete and 0 failed or incomplete runs")
+    assert report.stderr.startswith("2 complete and 0 failed, incomplete or unreadable runs")
     pivot = pd.read_csv(sweep_dir / "accuracy_vs_t.csv")
     assert pivot.columns.tolist() == ["t", "baseline", "augmapping"] and pivot.t.tolist() == [1, 2, 3, 4]
     assert len(pd.read_csv(sweep_dir / "report.csv")) == 2 * 4

@@ -85,7 +85,8 @@ def check_values(cfg):
     if not isinstance(cfg.cache_dir, str) or not cfg.cache_dir:
         raise UserError(f"cache_dir must name a folder, got {cfg.cache_dir!r}: e.g. cache_dir=outputs/cache (or "
                         "unset it)")
-    for key, value in _numbers(OmegaConf.to_container(cfg, resolve=True)):
+    settings = {key: value for key, value in cfg.items() if key != "hydra"}  # Hydra's own keys are not the run's
+    for key, value in _numbers(OmegaConf.to_container(OmegaConf.create(settings), resolve=True)):
         if not math.isfinite(value):
             raise UserError(f"{key} must be a finite number, got {value!r}")
 

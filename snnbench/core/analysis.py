@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from snnbench.core.analog import MATRIX_PRODUCTS, Analog, spike_products
-from snnbench.core.graph import device_of, trace
+from snnbench.core.graph import device_of, reached, trace
 
 CONVS = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
@@ -22,24 +22,22 @@ def fan_out(model: nn.Module) -> dict[str, float]:
     for node in traced.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.ReLU):
             continue
-        total, frontier, seen = 0.0, list(node.users), set()
-        while frontier:
-            user = frontier.pop()
-            if user in seen:
-                continue
-            seen.add(user)
+
+        def synapses(user) -> float:
             target = modules.get(user.target) if user.op == "call_module" else None
             if isinstance(target, nn.modules.conv._ConvNd):
-                total += _conv_fan_out(target)
-            elif isinstance(target, nn.Linear):
-                total += target.out_features
-            elif user.target in products:  # a product of spike trains counts its synaptic operations itself
-                continue
-            elif isinstance(target, nn.ReLU | Analog):  # an analog operator adds each input to its running sum
-                total += 1.0
-            elif user.op != "output":
-                frontier.extend(user.users)
-        result[node.target] = total
+                return _conv_fan_out(target)
+            if isinstance(target, nn.Linear):
+                return target.out_features
+            if user.target in products:  # a product of spike trains counts its synaptic operations itself
+                return 0.0
+            # another neuron, or an analog operator, adds each input to its membrane or running sum
+            return 1.0 if isinstance(target, nn.ReLU | Analog) else 0.0
+
+        def passes(user) -> bool:  # a linear map between the neuron and what it drives
+            return user.op != "output" and synapses(user) == 0.0 and user.target not in products
+
+        result[node.target] = sum(synapses(user) for user in reached(node.users, lambda user: user.users, passes))
     return result
 
 

@@ -17,6 +17,7 @@ from snnbench.core.graph import (
     _scope,
     _set_module,
     _source_line,
+    reached,
     unique_name,
     value_nodes,
 )
@@ -99,32 +100,20 @@ def _as_analog(gm: torch.fx.GraphModule, node: torch.fx.Node, module, values: se
 def _reaches_weights(node: torch.fx.Node, modules: dict) -> bool:
     """Whether the output of `node` reaches a weight layer or a product through linear maps only (not through a
     spiking layer or another analog operator, which take it as it is)."""
-    frontier, seen = list(node.users), set()
-    while frontier:
-        user = frontier.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        module = modules.get(user.target) if user.op == "call_module" else None
-        if isinstance(module, WEIGHT_MODULES) or (user.op == "call_function" and user.target in WEIGHT_FUNCTIONS):
-            return True
-        if isinstance(module, Analog):
-            if module.product:
-                return True
-            continue
-        if isinstance(module, nn.ReLU) or user.op == "output":
-            continue
-        frontier.extend(user.users)
-    return False
+    def passes(user) -> bool:
+        return not (_is_weight_layer(user, modules) or isinstance(_module(user, modules), nn.ReLU | Analog)
+                    or user.op == "output")
+
+    return any(_is_weight_layer(user, modules) or _is_product(user, modules)
+               for user in reached(node.users, lambda user: user.users, passes))
 
 
 def _inputs_driven_by_weights(node: torch.fx.Node, modules: dict) -> list[torch.fx.Node]:
     """The inputs of a weight layer or a product `node` (none for any other node) that the output of a weight
     layer reaches through linear maps only."""
-    module = modules.get(node.target) if node.op == "call_module" else None
-    if isinstance(module, WEIGHT_MODULES) or (node.op == "call_function" and node.target in WEIGHT_FUNCTIONS):
+    if _is_weight_layer(node, modules):
         inputs = node.args[:1]
-    elif isinstance(module, Analog) and module.product:
+    elif _is_product(node, modules):
         inputs = node.args
     else:
         return []
@@ -132,15 +121,21 @@ def _inputs_driven_by_weights(node: torch.fx.Node, modules: dict) -> list[torch.
 
 
 def _driven_by_weights(value: torch.fx.Node, modules: dict) -> bool:
-    frontier, seen = [value], set()
-    while frontier:
-        node = frontier.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, WEIGHT_MODULES) or (node.op == "call_function" and node.target in WEIGHT_FUNCTIONS):
-            return True
-        if not isinstance(module, nn.ReLU | Analog):  # a spiking layer or an analog operator drives it
-            frontier.extend(node.all_input_nodes)
-    return False
+    def passes(node) -> bool:  # not where a spiking layer or an analog operator drives it
+        return not (_is_weight_layer(node, modules) or isinstance(_module(node, modules), nn.ReLU | Analog))
+
+    return any(_is_weight_layer(node, modules) for node in reached([value], lambda node: node.all_input_nodes, passes))
+
+
+def _module(node: torch.fx.Node, modules: dict) -> nn.Module | None:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def _is_weight_layer(node: torch.fx.Node, modules: dict) -> bool:
+    return (isinstance(_module(node, modules), WEIGHT_MODULES)
+            or (node.op == "call_function" and node.target in WEIGHT_FUNCTIONS))
+
+
+def _is_product(node: torch.fx.Node, modules: dict) -> bool:
+    module = _module(node, modules)
+    return isinstance(module, Analog) and module.product

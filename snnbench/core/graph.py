@@ -18,6 +18,7 @@ import copy
 import operator
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -655,6 +656,20 @@ def _refused_if_failing(node, module):
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def reached(starts, onward, passes) -> Iterator[torch.fx.Node]:
+    """Every node reached from `starts` (each once), going on from a node to `onward(node)` (its users, or its
+    inputs) only where `passes(node)` (a linear map the walk looks through)."""
+    frontier, seen = list(starts), set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        if passes(node):
+            frontier.extend(onward(node))
 
 
 def unique_name(gm: nn.Module, base: str) -> str:
