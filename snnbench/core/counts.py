@@ -17,7 +17,7 @@ AC_PJ = 0.9
 
 
 def counts_of(result, fan: dict, ann_accuracy: float) -> dict:
-    """counts.json: the sums over a simulation's images (a snnbench.simulation.simulate.SpikingResult) behind
+    """counts.json: the sums over a simulation's images (a snnbench.simulation.backend.SimulationResult) behind
     its per-image numbers, per t (cumulative, like accuracy.csv) and per spiking layer, and where the network
     has products of spike trains per product (their synaptic operations are among the SOPs; their events are
     the spikes arriving, which the neurons that emitted them counted already). Events and spike units are

@@ -43,19 +43,13 @@ class SpikeProduct(Stepped):
         return cls(module.spiking)
 
     def begin(self, total_steps: int):
-        """Start a new sample batch: clear the running sums. The per-step counters add up over the batches of a
-        simulation of `total_steps` steps (the engines collect only the neurons' counters after each batch, so
-        snnbench.simulation.simulate reads a product's once, at the end); clear_counts starts them again."""
+        """Start a new sample batch: clear the running sums and the per-step counters (summed over the samples:
+        the operands' non-zero entries where they are spike trains, i.e. the events arriving, synaptic operations,
+        multiply-accumulates), which stay on the module's device."""
         self.t = 0
         self.a_sum = self.b_sum = None  # the operands' running sums A_t, B_t [batch (x windows), ...]
         self.product = None             # A_t B_t
         self.emitted = None             # the output summed so far: A_t B_t / t
-        if self.counts.shape[1] != total_steps:
-            self.clear_counts(total_steps)
-
-    def clear_counts(self, total_steps: int):
-        """Per step, summed over the samples since: the operands' non-zero entries where they are spike trains
-        (the events arriving), synaptic operations, multiply-accumulates."""
         self.counts = torch.zeros(3, total_steps, dtype=torch.float64, device=self.counts.device)
         self.events, self.synaptic_ops, self.macs = self.counts
 

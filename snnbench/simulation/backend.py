@@ -6,13 +6,14 @@ import concurrent.futures
 import ctypes
 import os
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from snnbench.core.graph import device_of, unique_name, value_nodes
 from snnbench.core.neurons import IFNeuron, SpikingGraph
+from snnbench.core.spike_product import SpikeProduct
 from snnbench.core.stepped import RepeatSteps, Stepped
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -37,6 +38,8 @@ class SimulationResult:
     num_images: int
     events: dict[str, torch.Tensor]  # per spiking layer, [T] events (non-zero coefficients) at each t
     units: dict[str, torch.Tensor]   # per spiking layer, [T] spike units (sum of |c|) at each t
+    # per product of spike trains, [3, T]: the events arriving, synaptic operations, multiply-accumulates at each t
+    products: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def accuracy(self) -> torch.Tensor:
         return self.correct.double() / max(self.num_images, 1)
@@ -73,6 +76,8 @@ class Simulation:
     def __init__(self, modules: list[torch.fx.GraphModule], settings: Settings):
         self.modules, self.settings = modules, settings
         self.neurons = [_neurons_of(module) for module in modules]
+        self.products = [{name: state for name, state in _stepped_of(module).items() if isinstance(state, SpikeProduct)}
+                         for module in modules]
         self.stepped = [list(_stepped_of(module).values()) for module in modules]  # neurons, analog operators
 
     def run(self, batches, progress=None) -> SimulationResult:
@@ -83,18 +88,22 @@ class Simulation:
         correct = torch.zeros(T, dtype=torch.long, device=device)
         events = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons[0]}
         units = {name: torch.zeros(T, dtype=torch.float64, device=device) for name in self.neurons[0]}
+        products = {name: torch.zeros(3, T, dtype=torch.float64, device=device) for name in self.products[0]}
         num_images = 0
         blocks = enumerate(_parts(batches, self.settings.sub_batch, device, self.settings.layout))
-        for images, (block_correct, block_events, block_units) in self._simulated(blocks):
+        for images, (block_correct, block_events, block_units, block_products) in self._simulated(blocks):
             correct += block_correct
             for name in events:
                 events[name] += block_events[name]
                 units[name] += block_units[name]
+            for name in products:
+                products[name] += block_products[name]
             num_images += len(images)
             if progress:
                 progress(len(images))
         return SimulationResult(correct.cpu(), num_images, {name: e.cpu() for name, e in events.items()},
-                                {name: u.cpu() for name, u in units.items()})
+                                {name: u.cpu() for name, u in units.items()},
+                                {name: p.cpu() for name, p in products.items()})
 
     def _simulated(self, blocks):
         """(images, result) of every (index, (images, labels)) block, one at a time or, with several graphs, each
@@ -155,7 +164,8 @@ class Simulation:
             accumulated = outputs[-1]
             correct[start:start + steps] = (outputs.argmax(-1) == labels).sum(1)
         return (correct, {name: neuron.events for name, neuron in neurons.items()},
-                {name: neuron.units for name, neuron in neurons.items()})
+                {name: neuron.units for name, neuron in neurons.items()},
+                {name: product.counts for name, product in self.products[graph].items()})
 
 
 def _neurons_of(module: torch.fx.GraphModule) -> dict[str, IFNeuron]:

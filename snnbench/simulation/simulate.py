@@ -6,15 +6,12 @@ implements (`Backend`: a spiking network and the settings in, a `Simulation` out
 images and chunks of steps that they share. The backends themselves are the modules of snnbench.simulation.engines.
 """
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import psutil
 import torch
-import torch.fx
 from torch import nn
 
-from snnbench.core.spike_product import SpikeProduct
 from snnbench.errors import UserError
 from snnbench.simulation import engines
 from snnbench.simulation.backend import Settings, SimulationResult, blocks_at_once
@@ -138,30 +135,10 @@ def int8_min_depth(integer_conv) -> int | None:
 
 def simulate(model: nn.Module, batches, T: int, chunk: int, coding="direct", device="cpu", seed=0,
              progress=None, layout=torch.contiguous_format, sub_batch: int | None = None, engine: str = "torch",
-             integer_min_depth: int | None = 0) -> "SpikingResult":
+             integer_min_depth: int | None = 0) -> SimulationResult:
     """Run T steps on every (images, labels) batch with the backend `engine` (snnbench.simulation.engines), `sub_batch`
     images at a time (None: the whole batch); `chunk` steps are folded into one batch at a time; feature maps in
     `layout` (a torch.memory_format); with the int8 engine the spike-fed convs and linear layers at least
     `integer_min_depth` deep compute in integers."""
     settings = Settings(T, chunk, coding, device, seed, layout, sub_batch, integer_min_depth)
-    simulation = engines.get(engine).prepare(model, settings)
-    products = [_spike_products_of(module) for module in simulation.modules]
-    for product in (product for graph in products for product in graph.values()):
-        product.clear_counts(T)  # not what a probe of the network (engine settings, memory check) counted
-    result = simulation.run(batches, progress)
-    return SpikingResult(**vars(result), products={
-        name: sum(graph[name].counts for graph in products).cpu() for name in products[0]})
-
-
-@dataclass
-class SpikingResult(SimulationResult):
-    """A simulation's result with the work of its products of spike trains (SpikeProduct, which are not neurons):
-    per product, summed over the images, [3, T] the events arriving, synaptic operations and multiply-accumulates
-    at each t."""
-    products: dict[str, torch.Tensor]
-
-
-def _spike_products_of(module: torch.fx.GraphModule) -> dict[str, SpikeProduct]:
-    """The SpikeProducts a backend's module graph calls, by the name it calls them (a block's own copies)."""
-    return {node.target: module.get_submodule(node.target) for node in module.graph.nodes
-            if node.op == "call_module" and isinstance(module.get_submodule(node.target), SpikeProduct)}
+    return engines.get(engine).prepare(model, settings).run(batches, progress)
