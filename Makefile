@@ -32,7 +32,7 @@ bench: install  ## engine speed and memory vs reference, dense floor, SpikingJel
 	    --out outputs/bench/mnist_cnn_T64.csv
 
 test: install  ## run the fast test suite
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist worksteal
 
 test-slow: install  ## run the slow tests too
 	$(BIN)/pytest -q -m ''

@@ -1,6 +1,6 @@
 """How the spiking networks of torchvision's classification zoo approach their ANN as T grows.
 
-For every family of tests/test_zoo.py (one small member each, the same member, input side and options, random
+For every family of tests/core/test_zoo.py (one small member each, the same member, input side and options, random
 weights seeded, num_classes=10, BatchNorm statistics randomised as the tests do): convert with the baseline method
 (v0=0.5: rounding), max pooling as average pooling, calibrated by the maximum (percentile 100) on a few random
 images, convert.nonlinear=compensate for the families that need it; then simulate the spiking network on 4 other
@@ -27,9 +27,10 @@ import snnbench
 from snnbench.core.stepped import Stepped
 from snnbench.errors import UserError
 
-# one table of families for the test and this script: tests/test_zoo.py's
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_convert import randomised  # noqa: E402
+# one table of families for the test and this script: tests/core/test_zoo.py's
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "core")]
+from networks import randomised  # noqa: E402
 from test_zoo import FAMILIES, NONLINEAR  # noqa: E402
 
 STEPS = (16, 64, 256)  # the T at which the outputs are compared, by default

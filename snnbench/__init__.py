@@ -1,10 +1,12 @@
 """snnbench: convert trained ANNs into spiking networks and measure what the conversion costs.
 
-The Python API (snnbench.api): snnbench.convert, snnbench.simulate, snnbench.inspect, snnbench.methods."""
+The Python API (snnbench.api): snnbench.convert, snnbench.simulate, snnbench.inspect, snnbench.methods, and the
+finer steps of snnbench.convert (canonical, calibrate, convert_canonical, converted_of)."""
 
 __version__ = "0.1.0"
 
-_API = ("Converted", "Inspection", "Result", "convert", "inspect", "methods", "simulate")
+_API = ("Converted", "Inspection", "Result", "calibrate", "canonical", "convert", "convert_canonical", "converted_of",
+        "inspect", "methods", "simulate")
 
 
 def __getattr__(name: str):

@@ -5,11 +5,14 @@
     result.accuracy, result.layers, result.summary       # accuracy.csv, layers.csv, summary.json's numbers
     snnbench.inspect(model, input_shape=(3, 32, 32))
 
-`snnbench run` calls the same functions underneath (canonicalize, calibrate, the method's convert, simulate,
-counts_of, tabulate, costs), so for the same model, images and settings both give the same numbers. Nothing
-here imports Hydra, Typer or rich."""
+snnbench.convert is made of finer public steps, which `snnbench run` calls between its cache stages: canonical
+(the network every later step reads), calibrate, convert_canonical (the method's conversion) and converted_of
+(the conversion with the costs of the ANN it came from); `run` then calls snnbench.simulate. So for the same
+model, images and settings the command line and the API give the same numbers. Nothing here imports Hydra,
+Typer or rich."""
 
-from dataclasses import dataclass, fields, replace
+import logging
+from dataclasses import dataclass, replace
 from itertools import chain
 from types import SimpleNamespace
 
@@ -18,19 +21,26 @@ import torch
 from torch import nn
 
 from snnbench import methods
-from snnbench.conversion.methods import Conversion, Method, check_nonlinear, get, method_class
+from snnbench.conversion.methods import Context, Conversion, Method, check_knobs, check_nonlinear
 from snnbench.core.analog import analog_values
 from snnbench.core.analysis import count_macs
-from snnbench.core.calibrate import calibrate
+from snnbench.core.calibrate import Calibration
+from snnbench.core.calibrate import calibrate as calibrate_network
 from snnbench.core.counts import AC_PJ, MAC_PJ, costs, counts_of, tabulate
 from snnbench.core.graph import canonicalize, device_of
 from snnbench.core.inspection import Inspection, inspect
 from snnbench.errors import UserError
+from snnbench.simulation import engines
+from snnbench.simulation.backend import Backend
+from snnbench.simulation.engines import Auto
 from snnbench.simulation.memory import check_simulation_memory
 from snnbench.simulation.simulate import engine_settings
 from snnbench.simulation.simulate import simulate as simulate_network
 
-__all__ = ["Converted", "Inspection", "Result", "convert", "inspect", "methods", "simulate"]
+__all__ = ["Converted", "Inspection", "Result", "calibrate", "canonical", "convert", "convert_canonical",
+           "converted_of", "inspect", "methods", "simulate"]
+
+log = logging.getLogger("snnbench")
 
 # conf/calibrate/default.yaml's batch_size: a tensor of calibration images is split into batches this large,
 # as `snnbench run` draws them (percentiles are sampled per batch)
@@ -41,7 +51,7 @@ CALIBRATION_BATCH_SIZE = 128
 class Converted:
     """A model converted by snnbench.convert."""
     method: Method            # the method and its knobs
-    model: str                # the model's class name (accuracy.csv's `model` column)
+    model: str                # the model's name (accuracy.csv's `model` column): its class name for the API
     T: int                    # the time steps the conversion is for
     ann: nn.Module            # the canonical network the spiking one was made from (BatchNorm folded)
     conversion: Conversion    # the spiking network (.snn), its calibration, fan-out and per-layer diagnostics
@@ -59,21 +69,19 @@ class Result:
     """What snnbench.simulate measured, as `snnbench run` writes it."""
     accuracy: pd.DataFrame    # accuracy.csv: one row per t = 1..T, counts cumulative up to t
     layers: pd.DataFrame      # layers.csv: one row per spiking layer
-    summary: dict             # summary.json's numbers: accuracies, MACs, events, SOPs per image, energies (uJ)
+    summary: dict             # summary.json's numbers: accuracies, MACs, events, SOPs per image, energies (uJ),
+                              # the engine and its settings
     counts: dict              # counts.json: the sums over the images behind the per-image numbers
 
 
 def _method(method: str | Method, knobs: dict) -> Method:
     """`method` (a name or a Method) with `knobs` set, each checked by the method."""
     if isinstance(method, str):
-        method = method_class(method)()
-    elif not isinstance(method, Method):
+        return methods.named(method, **knobs)
+    if not isinstance(method, Method):
         raise UserError(f"method must be a method's name ({', '.join(methods.available())}) or a "
                         f"snnbench.methods object, got {type(method).__name__}")
-    known = [field.name for field in fields(method)]
-    unknown = [key for key in knobs if key not in known]
-    if unknown:
-        raise UserError(f"method {method.name} has no knob {', '.join(unknown)}: its knobs are {', '.join(known)}")
+    check_knobs(type(method), knobs, method.name)
     return replace(method, **knobs)
 
 
@@ -95,6 +103,41 @@ def _image_batches(images) -> list[torch.Tensor]:
     return batches
 
 
+def canonical(model: nn.Module, *, maxpool: str = "error", nonlinear: str = "refuse") -> nn.Module:
+    """The canonical network of `model` (left unchanged) that calibration, conversion and simulation read:
+    BatchNorm folded, one ReLU module per call site, `maxpool="avg"` converting max pooling as average pooling,
+    `nonlinear` conf/config.yaml's convert.nonlinear (refuse, or compensate: analog operators)."""
+    return canonicalize(model, maxpool, nonlinear).module
+
+
+def calibrate(ann: nn.Module, calibration_images, *, percentile: float = 99.9, per_channel: bool = False,
+              rule: str = "percentile", device=None, seed: int = 0) -> Calibration:
+    """The thresholds of every spiking layer of the canonical network `ann` on `calibration_images` (training
+    images: a tensor, or batches of them), as conf/calibrate sets them: the `percentile` of each layer's
+    activations (sampled with `seed`), per layer or `per_channel`, or `rule="local_balancing"`."""
+    if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
+        raise UserError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for the maximum")
+    return calibrate_network(ann, _image_batches(calibration_images), percentile, per_channel,
+                             device or device_of(ann), seed, rule)
+
+
+def convert_canonical(ann: nn.Module, method: str | Method, calibration: Calibration, calibration_images, *,
+                      T: int, percentile: float = 99.9, seed: int = 0, **knobs) -> Conversion:
+    """The spiking network `method` (a name or a snnbench.methods object, `knobs` set over it) makes of the
+    canonical network `ann` calibrated as `calibration` on `calibration_images`, for T time steps; `percentile`
+    and `seed` are the calibration's, for the methods that calibrate again."""
+    _positive_int("T", T)
+    return _method(method, knobs).convert(ann, calibration, _image_batches(calibration_images),
+                                          Context(T, percentile, seed))
+
+
+def converted_of(conversion: Conversion, ann: nn.Module, method: Method, sample: torch.Tensor, *, T: int,
+                 model: str) -> Converted:
+    """`conversion` of the canonical network `ann` by `method` for T steps, with the MACs of `ann` counted on a
+    batch of its input (`sample`): what snnbench.simulate takes. `model` names the network in the tables."""
+    return Converted(method, model, T, ann, conversion, count_macs(ann, sample), analog_values(ann, sample))
+
+
 def convert(model: nn.Module, method: str | Method, calibration_images, *, T: int, percentile: float = 99.9,
             per_channel: bool = False, calibration_rule: str = "percentile", maxpool: str = "error",
             nonlinear: str = "refuse", device=None, seed: int = 0, **knobs) -> Converted:
@@ -106,20 +149,15 @@ def convert(model: nn.Module, method: str | Method, calibration_images, *, T: in
     pooling as average pooling; `nonlinear` is conf/config.yaml's convert.nonlinear. `device`: where the conversion
     runs (None: the model's)."""
     method = _method(method, knobs)
-    check_nonlinear(method.name, nonlinear)
+    check_nonlinear(method, nonlinear)
     _positive_int("T", T)
-    if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0 < percentile <= 100:
-        raise UserError(f"percentile must be in (0, 100], got {percentile!r}: e.g. 99.9, or 100 for the maximum")
     batches = _image_batches(calibration_images)
     device = device or device_of(model)
-    ann = canonicalize(model, maxpool, nonlinear).module.to(device)
-    calibration = calibrate(ann, batches, percentile, per_channel, device, seed, calibration_rule)
-    # the parts of the run config that a method's convert reads
-    run = SimpleNamespace(method=method, sim=SimpleNamespace(T=T), calibrate=SimpleNamespace(percentile=percentile),
-                          seed=seed)
-    conversion = get(method.name).convert(ann, calibration, run, batches)
-    return Converted(method, type(model).__name__, T, ann, conversion, count_macs(ann, batches[0]),
-                     analog_values(ann, batches[0]))
+    ann = canonical(model, maxpool=maxpool, nonlinear=nonlinear).to(device)
+    calibration = calibrate(ann, batches, percentile=percentile, per_channel=per_channel, rule=calibration_rule,
+                            device=device, seed=seed)
+    conversion = convert_canonical(ann, method, calibration, batches, T=T, percentile=percentile, seed=seed)
+    return converted_of(conversion, ann, method, batches[0], T=T, model=type(model).__name__)
 
 
 def _scoring_ann(ann: nn.Module, batches, correct: list):
@@ -131,15 +169,19 @@ def _scoring_ann(ann: nn.Module, batches, correct: list):
         yield images, labels
 
 
-def simulate(converted: Converted, batches, T: int | None = None, *, coding: str = "direct", engine: str = "auto",
-             device=None, seed: int = 0, sub_batch="auto", chunk="auto", channels_last="auto", integer_conv="auto",
-             max_memory_mb: float | None = None, mac_pj: float = MAC_PJ, ac_pj: float = AC_PJ,
-             dataset: str = "") -> Result:
+def simulate(converted: Converted, batches, T: int | None = None, *, coding: str = "direct",
+             engine: str | Backend | Auto = "auto", device=None, seed: int = 0,
+             batch_size: int | None = None, sub_batch="auto", chunk="auto", channels_last="auto",
+             max_memory_mb: float | None = None, mac_pj: float = MAC_PJ,
+             ac_pj: float = AC_PJ, dataset: str = "", ann_accuracy: float | None = None, progress=None) -> Result:
     """Simulate the converted network for T steps (None: the T it was converted for) on every (images, labels)
-    batch of `batches` (any iterable, read once), with the ANN scored on the same images. One simulation gives
-    the accuracy at every t <= T. The other arguments are conf/sim's (`coding`: direct | poisson; `engine`: auto,
-    torch, int8, triton or reference; the speed knobs) and the energy per MAC and per synaptic operation in
-    picojoules; `dataset` names the images in the tables."""
+    batch of `batches` (any iterable, read once), with the ANN scored on the same images unless its
+    `ann_accuracy` there is given. One simulation gives the accuracy at every t <= T. `engine`: a name of
+    conf/engine (auto, torch, int8, triton, reference) or an engine object (snnbench.simulation.engines.int8.Int8(
+    min_depth=0)). The other arguments are conf/sim's (`coding`: direct | poisson; `batch_size`: the images per
+    batch, None: the first batch's; the speed knobs) and the energy per MAC and per synaptic operation
+    in picojoules; `dataset` names the images in the tables; `progress` is called with the number of images of
+    each batch simulated."""
     T = converted.T if T is None else T
     _positive_int("T", T)
     if coding not in ("direct", "poisson"):
@@ -151,16 +193,19 @@ def simulate(converted: Converted, batches, T: int | None = None, *, coding: str
     if first is None:
         raise UserError("batches holds no (images, labels) batch to simulate")
     sample = first[0]
-    sim = SimpleNamespace(engine=engine, integer_conv=integer_conv, sub_batch=sub_batch, batch_size=len(sample),
-                          chunk=chunk, T=T, max_memory_mb=max_memory_mb, channels_last=channels_last)
-    settings = engine_settings(sim, snn, sample, device)
+    sim = SimpleNamespace(sub_batch=sub_batch,
+                          batch_size=batch_size or len(sample), chunk=chunk, T=T, max_memory_mb=max_memory_mb,
+                          channels_last=channels_last)
+    settings = engine_settings(engines.resolve(engine, device), sim, snn, sample, device)
     check_simulation_memory(snn, sample, T, settings.sub_batch, settings.chunk, device)
-    ann_correct = []
-    result = simulate_network(snn, _scoring_ann(converted.ann, chain([first], batches), ann_correct), T,
-                              settings.chunk, coding, device, seed, layout=settings.layout,
-                              sub_batch=settings.sub_batch, engine=settings.engine,
-                              integer_min_depth=settings.integer_min_depth)
-    ann_accuracy = sum(ann_correct) / max(result.num_images, 1)
+    log.info("simulating %s for T=%d (%s coding, %s)", converted.method.name, T, coding, settings.describe())
+    batches, ann_correct = chain([first], batches), []
+    if ann_accuracy is None:
+        batches = _scoring_ann(converted.ann, batches, ann_correct)
+    result = simulate_network(snn, batches, T, settings.chunk, coding, device, seed, progress=progress,
+                              layout=settings.layout, sub_batch=settings.sub_batch, engine=settings.engine)
+    if ann_accuracy is None:
+        ann_accuracy = sum(ann_correct) / max(result.num_images, 1)
     conversion = converted.conversion
     counts = counts_of(result, conversion.fan_out, ann_accuracy)
     accuracy, layers = tabulate(counts, conversion.calibration, snn, conversion.diagnostics, T,
@@ -169,6 +214,8 @@ def simulate(converted: Converted, batches, T: int | None = None, *, coding: str
     summary = {"ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": T,
                "method": converted.method.name, "dataset": dataset, "model": converted.model,
                "num_test_images": result.num_images, "coding": coding, "device": str(device),
-               "engine": settings.engine, **costs(accuracy, converted.macs, coding, mac_pj, ac_pj,
-                                                                 converted.analog, counts)}
+               "engine": settings.engine.name, "engine_options": engines.config_of(settings.engine),
+               "sub_batch": settings.sub_batch, "chunk": settings.chunk,
+               "blocks_at_once": settings.blocks, "channels_last": settings.layout == torch.channels_last,
+               **costs(accuracy, converted.macs, coding, mac_pj, ac_pj, converted.analog, counts)}
     return Result(accuracy, layers, summary, counts)

@@ -1,5 +1,5 @@
 """Models that trace and canonicalise but cannot be converted or scored, for the refusals of `snnbench run` and
-`snnbench inspect` (tests/test_bad_input.py): importable as `bad_models.<Name>` from tests/. Each is built for
+`snnbench inspect` (tests/app/test_bad_input.py): importable as `bad_models.<Name>` from tests/. Each is built for
 the digits (1 x 8 x 8 images, 10 classes)."""
 
 import torch

@@ -1,11 +1,12 @@
-"""The Python API (snnbench.convert / simulate / inspect, snnbench.methods): the example runs without Hydra, Typer,
-rich or OmegaConf; the API gives `snnbench run`'s numbers on the same model and images; knobs by keyword or by
-object; bad knobs refused by name; each method's typed defaults are its YAML's."""
+"""The Python API (snnbench.convert / simulate / inspect, snnbench.methods): the example runs without Hydra, Typer
+or rich; the API gives `snnbench run`'s numbers on the same model and images, and snnbench.convert is its finer
+steps composed; knobs by keyword or by object; bad knobs refused by name; a method by name (presets too) is the
+method the run builds from the same YAML."""
 
 import json
 import subprocess
 import sys
-from dataclasses import asdict, fields
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -15,8 +16,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import snnbench
+from snnbench.app import pipeline
 from snnbench.app.cli import CONF_DIR
-from snnbench.conversion.methods import NEEDS_ANALOG_OPERATORS
 from snnbench.core.counts import AC_PJ, MAC_PJ
 from snnbench.core.neurons import IFNeuron
 from snnbench.errors import UserError
@@ -24,6 +25,7 @@ from snnbench.io.checkpoints import load_checkpoint
 from snnbench.io.data import build_splits, loader, seeded_subset
 from snnbench.models import ConvNet
 from snnbench.models.qcfs import QCFS
+from snnbench.models.spikezip import SpikeZIPQuantizer
 
 ROOT = CONF_DIR.parent
 
@@ -37,12 +39,12 @@ model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.n
 images, labels = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
 result = snnbench.simulate(snnbench.convert(model, "augmapping", images, T=4), [(images, labels)])
 snnbench.inspect(model, input_shape=(1, 8, 8))
-print("imported:", sorted(name for name in ("hydra", "typer", "rich", "omegaconf") if name in sys.modules))
+print("imported:", sorted(name for name in ("hydra", "typer", "rich") if name in sys.modules))
 runpy.run_path("examples/api.py", run_name="__main__")
 """
 
 
-def test_the_api_imports_no_hydra_typer_rich_or_omegaconf_and_the_example_runs():
+def test_the_api_imports_no_hydra_typer_or_rich_and_the_example_runs():
     done = subprocess.run([sys.executable, "-c", API_THEN_EXAMPLE], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
@@ -97,15 +99,17 @@ def test_every_method_converts_through_the_api(name):
     model = tiny_model()
     if name == "qcfs":  # an ANN trained with QCFS activations: their lambda becomes the threshold
         model[2], model[6] = QCFS(levels=4, threshold=2.0), QCFS(levels=4, threshold=3.0)
+    if name == "spikezip":  # an ANN trained quantised: the quantisers' steps become the thresholds
+        model[2], model[6] = SpikeZIPQuantizer(8, signed=False, scale=2.0), SpikeZIPQuantizer(8, False, scale=3.0)
     images = tiny_data()[0]
     with torch.no_grad():
         labels = model(images).argmax(1)
-    nonlinear = "compensate" if name in NEEDS_ANALOG_OPERATORS else "refuse"
+    nonlinear = "compensate" if snnbench.methods.named(name).needs_analog_operators else "refuse"
     result = snnbench.simulate(snnbench.convert(model, name, images, T=4, nonlinear=nonlinear), [(images, labels)])
     assert result.accuracy.method.unique().tolist() == [name] and result.accuracy.t.tolist() == [1, 2, 3, 4]
     assert result.summary["ann_accuracy"] == 1.0
     assert result.layers.layer.tolist() == ["2", "6"] and (result.layers.threshold > 0).all()
-    if name == "qcfs":
+    if name in ("qcfs", "spikezip"):
         assert result.layers.threshold.tolist() == [2.0, 3.0]
 
 
@@ -124,31 +128,61 @@ def test_the_default_energies_are_the_configs(cfg):
     (lambda model, images: snnbench.convert(model, "baseline", images, T=4, percentile=0), "percentile must be in"),
     (lambda model, images: snnbench.methods.TTRBR(restructure="twice"), "method.restructure"),
     (lambda model, images: snnbench.methods.Calibration(momentum=1.5), "method.momentum"),
+    (lambda model, images: snnbench.methods.named("burst", c_max=0), "method.c_max must be a positive integer"),
+    (lambda model, images: snnbench.methods.AugMapping(name="a/b"), "method.name must be a name of letters"),
+    (lambda model, images: snnbench.convert(model, snnbench.methods.Baseline(), images, T=4, cmax=2),
+     "method baseline has no knob cmax: its knobs are name, v0"),
+    (lambda model, images: snnbench.convert(model, "snm", images, T=4, c_max=2), "method snm has no knob c_max"),
 ])
 def test_a_bad_knob_is_a_user_error_naming_it(call, named):
     with pytest.raises(UserError, match=named):
         call(tiny_model(), tiny_data()[0])
 
 
-def method_yaml(name: str) -> dict:
-    """conf/method/<name>.yaml as the CLI composes it (a preset with the method it builds on), unresolved."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"method={name}"])
-    return OmegaConf.to_container(cfg.method, resolve=False)
+# what only a run gives: the options whose YAML takes a value from another group (trained_with: ${train.activation})
+RUN_GIVES = {"qcfs": ["train.activation=qcfs"], "spikezip": ["train.activation=spikezip"]}
 
 
 @pytest.mark.parametrize("name", snnbench.methods.available())
-def test_each_methods_typed_defaults_are_its_yaml(name):
-    """The knobs and defaults in code and in conf/method/ cannot drift apart. A YAML value taken from another
-    group (T: ${sim.T}, trained_with: ${train.activation}) is the run's; the API passes T to convert instead."""
-    method = snnbench.methods.method_class(name)
-    yaml = method_yaml(name)
-    assert yaml.pop("name") == name == method.name
-    assert list(yaml) == [field.name for field in fields(method)]
-    defaults = asdict(method())
-    for knob, value in yaml.items():
-        if not (isinstance(value, str) and value.startswith("${")):
-            assert defaults[knob] == (tuple(value) if isinstance(value, list) else value), knob
+def test_a_method_by_name_is_the_one_the_run_builds_from_the_same_yaml(name):
+    """snnbench.methods.named reads conf/method/<name>.yaml without Hydra (a preset merged over the YAML it builds
+    on); the knobs whose YAML value is a run's interpolation (T: ${sim.T}) keep the class's default, which means
+    the same (None: the T given to convert)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"method={name}", *RUN_GIVES.get(name, [])])
+    run = pipeline.method_of(cfg)
+    by_name = snnbench.methods.named(name)
+    assert type(by_name) is type(run) and by_name.name == name
+    interpolated = [key for key in cfg.method if OmegaConf.is_interpolation(cfg.method, key)]
+    defaults = type(run)(name=name)
+    assert by_name == replace(run, **{key: getattr(defaults, key) for key in interpolated})
+    if name == "calibration":
+        assert run.T == cfg.sim.T and by_name.T is None
+
+
+def test_the_presets_are_yaml_only():
+    """burst, snm and calibration_advanced are AugMapping, TerMapping and Calibration under names of their own."""
+    assert snnbench.methods.named("burst") == snnbench.methods.AugMapping(
+        name="burst", c_max=2, v0=0.0, neg_threshold=None, threshold_scale=1.0)
+    assert snnbench.methods.named("snm") == snnbench.methods.TerMapping(name="snm", per_neuron=True)
+    assert snnbench.methods.named("calibration_advanced", correction_images=64) == snnbench.methods.Calibration(
+        name="calibration_advanced", bias_correction=False, potential_correction=True, correction_images=64)
+
+
+def test_convert_is_its_finer_steps_composed():
+    """snnbench.convert = canonical, calibrate, convert_canonical, converted_of: the steps `snnbench run` calls
+    between its cache stages give the same network, bit for bit."""
+    model, (images, labels) = tiny_model(), tiny_data()
+    whole = snnbench.convert(model, "ttrbr", images, T=5, percentile=99.0, seed=3)
+    ann = snnbench.canonical(model)
+    calibration = snnbench.calibrate(ann, images, percentile=99.0, seed=3)
+    conversion = snnbench.convert_canonical(ann, "ttrbr", calibration, images, T=5, percentile=99.0, seed=3)
+    steps = snnbench.converted_of(conversion, ann, snnbench.methods.TTRBR(), images[:128], T=5, model="Sequential")
+    assert steps.macs == whole.macs and steps.conversion.diagnostics == whole.conversion.diagnostics
+    first, second = snnbench.simulate(whole, [(images, labels)]), snnbench.simulate(steps, [(images, labels)])
+    pd.testing.assert_frame_equal(first.accuracy, second.accuracy)
+    pd.testing.assert_frame_equal(first.layers, second.layers)
+    assert first.counts == second.counts
 
 
 def test_inspect_reads_the_model_as_the_cli_does():

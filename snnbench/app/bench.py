@@ -1,6 +1,7 @@
 """`snnbench bench`: image-steps per second, peak memory and accuracy of the ways to simulate the same trained
-network — each snnbench engine (snnbench.simulation.engines: torch, int8, triton, the step-by-step reference), the dense
-ANN forward pass x T (the floor for dense simulation) and SpikingJelly's ann2snn converter (when installed).
+network — each snnbench engine of the engine group (conf/engine/ and any hydra.searchpath folder's: torch, int8,
+triton, the step-by-step reference, ...), the dense ANN forward pass x T (the floor for dense simulation) and
+SpikingJelly's ann2snn converter (when installed).
 
 Each engine lives in a process of its own, so that its memory is its own; the processes take turns, one run
 at a time (`bench.warmup` untimed rounds, then `bench.repeats` timed ones, the median reported), so that a
@@ -33,6 +34,7 @@ from rich.table import Table
 from torch import nn
 
 from snnbench.app.console import console
+from snnbench.app.devices import engine_folders, simulation_engine
 from snnbench.app.pipeline import build_ann, canonical_ann, prepare, resolve_device
 from snnbench.app.train import with_activation
 from snnbench.conversion import saved
@@ -42,12 +44,12 @@ from snnbench.io.data import loader
 from snnbench.io.files import write_csv
 from snnbench.models.normalize import Normalize
 from snnbench.simulation import engines
-from snnbench.simulation.backend import blocks_at_once, placed, reuse_freed_memory
-from snnbench.simulation.simulate import engine_settings, int8_min_depth, memory_format, simulate
+from snnbench.simulation.backend import placed, reuse_freed_memory
+from snnbench.simulation.simulate import engine_settings, memory_format, simulate
 
 log = logging.getLogger("snnbench")
 
-ENGINES = (*engines.names(), "ann_floor", "spikingjelly")
+PEERS = ("ann_floor", "spikingjelly")
 COLUMNS = ["engine", "model", "T", "batch_size", "device", "image_steps_per_s", "peak_mem_mb", "accuracy",
            "ratio_to_floor"]
 
@@ -65,9 +67,9 @@ class Workload:
     calibration: list   # training-split images, for SpikingJelly's own threshold calibration
     T: int
     sub_batch: int
-    chunk: int           # for every snnbench engine but the reference (1)
+    chunk: int           # steps per chunk, as the engine of the run folds them (each engine: Backend.chunk)
     channels_last: bool  # the feature maps' layout, for the snnbench engines and the floor alike
-    integer_min_depth: int | None  # the int8 engine's integer layers (None: sim.integer_conv=false)
+    engines: dict        # the snnbench engines measured, by name: their configs (engines.config_of)
     coding: str
     device: str
     seed: int
@@ -85,18 +87,24 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
             raise UserError(f"bench.{key} must be a positive integer, got {cfg.bench[key]!r}")
     if isinstance(cfg.bench.warmup, bool) or not isinstance(cfg.bench.warmup, int) or cfg.bench.warmup < 0:
         raise UserError(f"bench.warmup must be a non-negative integer, got {cfg.bench.warmup!r}")
-    unknown = [e for e in cfg.bench.engines if e not in ENGINES]
-    if unknown or not cfg.bench.engines:
-        raise UserError(f"bench.engines must list some of {', '.join(ENGINES)}, got {list(cfg.bench.engines)}")
     device = resolve_device(cfg.device)
+    engine = simulation_engine(cfg.engine, device)
+    found = {candidate.name: candidate for candidate in engines.candidates(engine_folders())}
+    found[engine.name] = engine  # with the options the command line gave it
+    names = [*found, *PEERS] if cfg.bench.engines is None else list(cfg.bench.engines)
+    unknown = [name for name in names if name not in (*found, *PEERS)]
+    if unknown or not names:
+        raise UserError(f"bench.engines must list some of {', '.join((*found, *PEERS))} (or be null: all), got "
+                        f"{names}")
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device)
     ann, images = prepared.ann.cpu(), prepared.calibration_images
     snn = prepared.conversion.snn.cpu()
     batches = list(loader(prepared.evaluated, cfg.sim.batch_size, limit=cfg.sim.batch_size * cfg.bench.batches))
-    chosen = engine_settings(cfg.sim, snn, images[0], device)  # sim.engine's: its blocks for every engine
+    chosen = engine_settings(engine, cfg.sim, snn, images[0], device)  # its blocks for every engine
     work = Workload(ann, snn, batches, images, cfg.sim.T, chosen.sub_batch, chosen.chunk,
-                    chosen.layout == torch.channels_last, int8_min_depth(cfg.sim.integer_conv), cfg.sim.coding,
+                    chosen.layout == torch.channels_last,
+                    {name: engines.config_of(found[name]) for name in names if name in found}, cfg.sim.coding,
                     device, cfg.seed)
     setting = chosen.describe()
     num_images = sum(len(labels) for _, labels in batches)
@@ -106,9 +114,9 @@ def run_bench(cfg: DictConfig, out: Path | None) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="snnbench-bench-") as folder:
         path = Path(folder) / "workload.pt"
         path.write_bytes(data_bytes(_workload_data(work, cfg, prepared.conversion)))
-        results = _measure_alternating(list(cfg.bench.engines), path, cfg.bench.warmup, cfg.bench.repeats)
+        results = _measure_alternating(names, path, cfg.bench.warmup, cfg.bench.repeats)
     frame = _tabulate(results, cfg, device, num_images)
-    show_bench(frame, results, cfg, setting, num_images, chosen.engine)
+    show_bench(frame, results, cfg, setting, num_images, engine.name)
     if out is not None:
         write_csv(out, frame)
         log.info("bench: wrote %s", out)
@@ -205,7 +213,7 @@ def _tabulate(results: dict, cfg, device: str, num_images: int) -> pd.DataFrame:
 
 
 def show_bench(frame: pd.DataFrame, results: dict, cfg, setting: str, num_images: int, chosen: str):
-    """The rich table: speeds, ratios side by side, memory, accuracy, and which engine sim.engine chooses (`chosen`);
+    """The rich table: speeds, ratios side by side, memory, accuracy, and which engine `engine=` chooses (`chosen`);
     and whether each snnbench engine and the reference agree at every t."""
     peer = frame.set_index("engine").image_steps_per_s.get("spikingjelly")
     table = Table(title=f"{cfg.model.name} on {cfg.dataset.name} ({cfg.method.name}): T={cfg.sim.T}, batch "
@@ -225,14 +233,14 @@ def show_bench(frame: pd.DataFrame, results: dict, cfg, setting: str, num_images
         table.add_row(row.engine, number(row.image_steps_per_s, ",.0f"), number(row.ratio_to_floor, ".2f"),
                       number(speedup, ".2f"), number(row.peak_mem_mb, ",.0f"),
                       number(None if pd.isna(row.accuracy) else 100 * row.accuracy, ".2f"),
-                      f"{note} (sim.engine={cfg.sim.engine})" if row.engine == chosen else note)
+                      f"{note} (engine={cfg.engine.name})" if row.engine == chosen else note)
     console.print(table)
     for engine, result in results.items():
         if "status" in result:  # in full, whatever the table's width cut off
             console.print(f"{engine}: {result['status']}", soft_wrap=True)
     reference = results.get("reference", {}).get("correct")
-    for engine in engines.names():
-        if engine != "reference" and reference and "correct" in results.get(engine, {}):
+    for engine in results:
+        if engine not in (*PEERS, "reference") and reference and "correct" in results[engine]:
             agreement = _agreement(results[engine]["correct"], reference)
             console.print(f"{engine} and the step-by-step reference: {agreement}", soft_wrap=True)
 
@@ -264,7 +272,7 @@ def worker():
     work = _read_workload(Path(workload))
     try:
         peers = {"ann_floor": _ann_floor, "spikingjelly": _spikingjelly}
-        modes = peers.get(engine, functools.partial(_snnbench, engine=engine))(work)
+        modes = peers.get(engine, functools.partial(_snnbench, name=engine))(work)
     except Unsupported as err:
         reply({"status": str(err)})
         return
@@ -308,21 +316,19 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _snnbench(work: Workload, engine: str) -> dict:
-    """The snnbench engine `engine` (snnbench.simulation.engines), in sim.engine's blocks of images and steps."""
-    reason = engines.get(engine).unavailable(work.device)
+def _snnbench(work: Workload, name: str) -> dict:
+    """The snnbench engine called `name`, in the blocks of images and steps of the engine the run chose."""
+    engine = engines.build_engine(work.engines[name])
+    reason = engine.unavailable(work.device)
     if reason:
         raise Unsupported(f"unavailable: {reason}")
-    if engine == "int8" and work.integer_min_depth is None:
-        raise Unsupported("off: sim.integer_conv=false")
-    chunk = 1 if engine == "reference" else work.chunk
+    chunk = engine.chunk(work.chunk)
 
     def run():
         result = simulate(work.snn, work.batches, work.T, chunk, work.coding, work.device, work.seed,
-                          layout=work.layout, sub_batch=work.sub_batch, engine=engine,
-                          integer_min_depth=work.integer_min_depth)
+                          layout=work.layout, sub_batch=work.sub_batch, engine=engine)
         return result.correct.tolist()
-    blocks = blocks_at_once(work.device)
+    blocks = engine.blocks_at_once(work.device)
     return {f"{work.sub_batch} x {chunk}" + (f", {blocks} at once" if blocks > 1 else ""): run}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from rich.table import Table
 
 from snnbench.app import validate
@@ -23,12 +23,10 @@ from snnbench.app.console import ConsoleLog, console, results
 from snnbench.app.report import FORMATS, build_report
 from snnbench.app.runs import RESULTS_BEFORE_SUMMARY
 from snnbench.errors import UserError
+from snnbench.io.configs import CONF_DIR
 from snnbench.io.files import DISK_FULL, write_json
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # snnbench/
-# the configs: their copy inside an installed package (pyproject.toml maps conf/ there), else a source tree's conf/
-CONF_DIR = PACKAGE_DIR / "conf" if (PACKAGE_DIR / "conf").is_dir() else PACKAGE_DIR.parent / "conf"
-GROUPS = ("dataset", "model", "method", "experiment")
+GROUPS = ("dataset", "model", "method", "engine", "export", "experiment")
 LAUNCHERS = ("basic", "joblib", "submitit_local")  # Hydra's and its plugins'; conf/hydra/launcher/ adds slurm
 log = logging.getLogger("snnbench")
 
@@ -178,6 +176,9 @@ def describe(err: BaseException) -> str:
     if "Could not append to config" in text:  # `+key=value` for a key the config has
         key = text.split("'", 2)[1]
         return f"config key '{key}' exists already: set it without the + ({key}=...)"
+    if text.startswith("Only one of --run, --multirun, --cfg"):  # Hydra's own flags, combined
+        return ("-m (a sweep), --cfg (print the config) and --info are used one at a time: drop all but one "
+                "(--cfg job prints one run's config: give one option per group)")
     if type(err).__name__ == "OverrideParseException":
         return f"cannot parse the overrides ({text.splitlines()[0]}): write key=value, quoting values like 'a b'"
     if type(err).__name__ in ("ConfigCompositionException", "MissingConfigException"):
@@ -236,6 +237,7 @@ def run(ctx: typer.Context):
     import hydra
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # errors reach _fail, which prints one line
+    state.update(error=None, failed_jobs=[])  # of this run only, where one process runs several (tests)
     _working_directory_importable()
     hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
     sys.argv = ["snnbench", *ctx.args]
@@ -255,11 +257,17 @@ def run(ctx: typer.Context):
 
 
 def _composed(overrides: list[str]):
-    """The config composed from conf/ and `overrides`, outside a Hydra run (bench, inspect)."""
+    """The config composed from conf/ and `overrides`, outside a Hydra run (bench, inspect). Hydra's part of it
+    is kept where a run keeps it (HydraConfig): its search path is where engines are found (app.devices)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def _working_directory_importable():
@@ -316,15 +324,12 @@ def report(dirs: list[Path] = typer.Argument(..., metavar="DIR", help="Run folde
 
 @app.command("list")
 def list_options():
-    """Show the datasets, models, methods, experiment presets and simulation engines available."""
-    from snnbench.simulation import engines
-
+    """Show the datasets, models, methods, simulation engines, exporters and experiment presets available."""
     table = Table(title="snnbench options (conf/)")
     table.add_column("group")
     table.add_column("options")
     for group in GROUPS:
         table.add_row(group, ", ".join(options(group)) or "-")
-    table.add_row("sim.engine", ", ".join(["auto", *engines.names()]))
     results.print(table)
 
 

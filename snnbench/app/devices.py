@@ -1,16 +1,22 @@
-"""The device a run computes on: `device=auto|cpu|cuda|cuda:N`. On a machine with several GPUs `auto` gives each
-process a GPU of its own: the first one that no other snnbench process of this user holds (a lock per GPU, held
-until the process exits), so the jobs of a parallel sweep never share a GPU unless a device is named."""
+"""The device a run computes on (`device=auto|cpu|cuda|cuda:N`) and the engine it simulates with there
+(`engine=...`). On a machine with several GPUs `device=auto` gives each process a GPU of its own: the first one
+that no other snnbench process of this user holds (a lock per GPU, held until the process exits), so the jobs of a
+parallel sweep never share a GPU unless a device is named."""
 
 import fcntl
+import importlib.resources
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from snnbench.app.validate import check_device
 from snnbench.errors import UserError
+from snnbench.simulation import engines
+from snnbench.simulation.backend import Backend
 
 # the GPU this process took, kept until it exits: a joblib worker runs every job it is given on it
 _claimed = {}
@@ -58,3 +64,26 @@ def claim_gpu(gpus: list[str], folder: Path) -> int:
         return index
     raise UserError(f"device=auto: all {len(gpus)} GPUs here are held by other snnbench jobs: run at most "
                     f"{len(gpus)} at once (hydra.launcher.n_jobs={len(gpus)}), or share one with device=cuda:N")
+
+
+def engine_folders() -> list[Path]:
+    """The engine/ folders of the config search path in Hydra's order (conf/, hydra.searchpath, --config-dir):
+    where `engine=<name>` and `engine=auto` find engines. Outside a composed config, conf/engine/ alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return [engines.ENGINE_DIR]
+    folders = []
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.schema == "file":
+            folders.append(Path(source.path) / "engine")
+        elif source.schema == "pkg" and importlib.util.find_spec(source.path.replace("/", ".")) is not None:
+            folders.append(Path(str(importlib.resources.files(source.path.replace("/", ".")))) / "engine")
+    return folders
+
+
+def simulation_engine(engine: DictConfig, device: str) -> Backend:
+    """The engine that the run's `engine` config describes, able to run on `device` (auto: the one chosen among the
+    engines of the config search path), or a UserError saying why it cannot run and the fix."""
+    return engines.resolve(engines.build_engine(OmegaConf.to_container(engine, resolve=True)), device,
+                           engine_folders())

@@ -5,11 +5,11 @@ first node that stops the conversion."""
 from rich.console import Console
 from rich.table import Table
 
+from snnbench import api
 from snnbench.app.models import build_model
 from snnbench.app.pipeline import validate
 from snnbench.core.analog import ANALOG, SPIKING
 from snnbench.core.convertible import check_convertible
-from snnbench.core.inspection import inspect
 
 
 def inspect_model(cfg, console: Console):
@@ -19,8 +19,8 @@ def inspect_model(cfg, console: Console):
     model = build_model(cfg.model, cfg.dataset)
     check_convertible(model, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.num_classes,
                       cfg.convert.maxpool, cfg.convert.nonlinear)  # as `run` checks it before training
-    found = inspect(model, (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size), cfg.convert.maxpool,
-                    cfg.convert.nonlinear)
+    found = api.inspect(model, (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size),
+                        cfg.convert.maxpool, cfg.convert.nonlinear)
     analog = found.layers[found.layers.kind == ANALOG]
     title = f"{cfg.model.name} on {cfg.dataset.name}: {len(found.layers) - len(analog)} spiking layers"
     table = Table(title=title + (f", {len(analog)} analog operators" if len(analog) else ""))

@@ -4,7 +4,7 @@ and an interrupted run resumes from the last completed stage."""
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -12,27 +12,24 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
+from snnbench import api
 from snnbench.app.console import show_run
-from snnbench.app.devices import resolve_device
+from snnbench.app.devices import resolve_device, simulation_engine
+from snnbench.app.exporters import RunProducts, build_exporters
 from snnbench.app.models import build_model
 from snnbench.app.shards import check_shard
 from snnbench.app.train import evaluate, init_checkpoint_sha256, progress_bar, start_of_training, train, with_activation
 from snnbench.app.validate import check_values
 from snnbench.conversion import methods, saved
-from snnbench.core.analog import analog_values
-from snnbench.core.analysis import count_macs
-from snnbench.core.calibrate import Calibration, calibrate
+from snnbench.core.calibrate import Calibration
 from snnbench.core.convertible import check_convertible
-from snnbench.core.counts import costs, counts_of, tabulate
-from snnbench.core.graph import canonicalize, spiking_layer_names, trace, with_average_pooling
+from snnbench.core.graph import spiking_layer_names, trace, with_average_pooling
 from snnbench.errors import UserError
 from snnbench.io.cache import cached, code_version, config_hash, data_bytes, load_data, sha256_of
 from snnbench.io.checkpoints import load_checkpoint
 from snnbench.io.data import DataSplits, build_splits, identity, loader, seeded_subset, shard_of
 from snnbench.io.files import write_csv, write_json
 from snnbench.simulation.backend import reuse_freed_memory
-from snnbench.simulation.memory import check_simulation_memory
-from snnbench.simulation.simulate import engine_settings, simulate
 
 log = logging.getLogger("snnbench")
 
@@ -44,8 +41,18 @@ def validate(cfg: DictConfig):
     if OmegaConf.is_missing(cfg.model, "_target_"):
         raise UserError("model=custom needs the class or factory to build: add model._target_=<module>.<Class> "
                         "(importable from the working directory or PYTHONPATH; docs/models.md)")
-    methods.get(cfg.method.name).validate(cfg.method)
-    methods.check_nonlinear(cfg.method.name, cfg.convert.nonlinear)
+    methods.check_nonlinear(method_of(cfg), cfg.convert.nonlinear)
+
+
+def method_of(cfg: DictConfig) -> methods.Method:
+    """cfg.method as its typed object, its knobs checked (a run's interpolations, such as T: ${sim.T}, resolved).
+    An experiment preset may set knobs of one of the methods it sweeps (ttrbr_resnet110_*: TTRBR's tuning), which
+    the others do not have: a key the chosen class lacks is left to them. Only a config file can add such a key
+    (the command line refuses a key the composed config lacks), and tests/app/test_configs.py checks that each is a
+    knob of a method."""
+    config = _container(cfg.method)
+    knobs = {field.name for field in fields(methods.method_class_of(config.get("_target_")))}
+    return methods.build_method({key: value for key, value in config.items() if key in knobs or key == "_target_"})
 
 
 def _container(node) -> dict:
@@ -146,8 +153,8 @@ def calibrate_stage(cfg, ann, ann_sha, images, device) -> tuple[Calibration, str
     def build():
         log.info("calibrating %d images (percentile %s, %s)", sum(len(i) for i in images),
                  cfg.calibrate.percentile, "per channel" if cfg.calibrate.per_channel else "per layer")
-        return calibrate(ann, images, cfg.calibrate.percentile, cfg.calibrate.per_channel, device, cfg.seed,
-                         cfg.calibrate.rule)
+        return api.calibrate(ann, images, percentile=cfg.calibrate.percentile, per_channel=cfg.calibrate.per_channel,
+                             rule=cfg.calibrate.rule, device=device, seed=cfg.seed)
 
     def save(calibration):
         return data_bytes(saved.calibration_as_data(calibration))
@@ -186,7 +193,7 @@ def build_ann(cfg: DictConfig) -> nn.Module:
 def canonical_ann(cfg: DictConfig, model: nn.Module) -> nn.Module:
     """The canonical network of `model` (cfg's, trained or loaded) that calibration, conversion and simulation
     read; with the untrained model, what a canonical ANN's state_dict loads into (bench's engine processes)."""
-    return canonicalize(model.cpu(), cfg.convert.maxpool, cfg.convert.nonlinear).module
+    return api.canonical(model.cpu(), maxpool=cfg.convert.maxpool, nonlinear=cfg.convert.nonlinear)
 
 
 def prepare(cfg: DictConfig, device: str) -> Prepared:
@@ -226,7 +233,8 @@ def convert_stage(cfg, ann, calibration, ann_sha, images) -> tuple[methods.Conve
 
     def build():
         log.info("converting with %s", cfg.method.name)
-        return methods.get(cfg.method.name).convert(ann, calibration, cfg, images)
+        return api.convert_canonical(ann, method_of(cfg), calibration, images, T=cfg.sim.T,
+                                     percentile=cfg.calibrate.percentile, seed=cfg.seed)
 
     def save(conversion):
         return data_bytes(saved.as_data(conversion))
@@ -251,6 +259,8 @@ def conversion_key(cfg, ann, ann_sha) -> str:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     reuse_freed_memory()
     device = resolve_device(cfg.device)
+    engine = simulation_engine(cfg.engine, device)  # an engine that cannot run here stops the run before any work
+    exporters = build_exporters(cfg)  # a bad exporter stops the run before any work
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device)
     ann, conversion, times = prepared.ann, prepared.conversion, prepared.times
@@ -260,36 +270,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times["time_evaluate_ann_s"] = time.perf_counter() - clock
     log.info("ANN accuracy %.2f %% on %d %s images%s", 100 * ann_accuracy, len(eval_batches.dataset), cfg.sim.split,
              f" (shard {cfg.sim.shard} of {cfg.sim.num_shards})" if cfg.sim.num_shards > 1 else "")
-    snn, calibration, fan = conversion.snn, conversion.calibration, conversion.fan_out
-    images = prepared.calibration_images
-    macs, analog = count_macs(ann, images[0]), analog_values(ann, images[0])
-    checkpoint, checkpoint_sha = prepared.checkpoint, prepared.checkpoint_sha
+    converted = api.converted_of(conversion, ann, method_of(cfg), prepared.calibration_images[0], T=cfg.sim.T,
+                                 model=cfg.model.name)
 
     clock = time.perf_counter()
-    engine = engine_settings(cfg.sim, snn, images[0], device)
-    check_simulation_memory(snn, images[0], cfg.sim.T, engine.sub_batch, engine.chunk, device)
-    log.info("simulating %s for T=%d (%s coding, %s)", cfg.method.name, cfg.sim.T, cfg.sim.coding, engine.describe())
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=len(eval_batches.dataset), status=f"T={cfg.sim.T}")
-        result = simulate(snn, eval_batches, cfg.sim.T, engine.chunk, cfg.sim.coding, device, cfg.seed,
-                          progress=lambda k: bar.update(task, advance=k), layout=engine.layout,
-                          sub_batch=engine.sub_batch, engine=engine.engine,
-                          integer_min_depth=engine.integer_min_depth)
+        result = api.simulate(converted, eval_batches, coding=cfg.sim.coding, engine=engine, device=device,
+                              seed=cfg.seed, batch_size=cfg.sim.batch_size, sub_batch=cfg.sim.sub_batch,
+                              chunk=cfg.sim.chunk, channels_last=cfg.sim.channels_last,
+                              max_memory_mb=cfg.sim.max_memory_mb,
+                              mac_pj=cfg.energy.mac_pj, ac_pj=cfg.energy.ac_pj, dataset=cfg.dataset.name,
+                              ann_accuracy=ann_accuracy, progress=lambda k: bar.update(task, advance=k))
     times["time_simulate_s"] = time.perf_counter() - clock
 
-    counts = counts_of(result, fan, ann_accuracy)  # what `report` merges shards from
-    accuracy, layers = tabulate(counts, calibration, snn, conversion.diagnostics, cfg.sim.T, method=cfg.method.name,
-                                dataset=cfg.dataset.name, model=cfg.model.name, analog=analog)
+    accuracy, layers, counts = result.accuracy, result.layers, result.counts  # counts: what `report` merges
     summary = {
-        "ann_accuracy": ann_accuracy, "snn_accuracy": float(accuracy.accuracy.iloc[-1]), "T": cfg.sim.T,
-        "method": cfg.method.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
-        "num_test_images": result.num_images, "shard": cfg.sim.shard, "num_shards": cfg.sim.num_shards,
-        "split": cfg.sim.split, "coding": cfg.sim.coding, "device": device,
-        "engine": engine.engine, "sub_batch": engine.sub_batch, "chunk": engine.chunk, "blocks_at_once": engine.blocks,
-        "channels_last": engine.layout == torch.channels_last, "integer_conv_min_depth": engine.integer_min_depth,
-        **costs(accuracy, macs, cfg.sim.coding, cfg.energy.mac_pj, cfg.energy.ac_pj, analog, counts),
+        **result.summary, "shard": cfg.sim.shard, "num_shards": cfg.sim.num_shards, "split": cfg.sim.split,
         **{k: round(v, 3) for k, v in times.items()},
-        "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha, "cache_entries": prepared.cache_entries,
+        "checkpoint": prepared.checkpoint, "checkpoint_sha256": prepared.checkpoint_sha,
+        "cache_entries": prepared.cache_entries,
     }
     # summary.json, written last, marks a complete run: no CSV may outlive a failed or interrupted write
     (run_dir / "summary.json").unlink(missing_ok=True)
@@ -297,6 +297,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         write_csv(run_dir / "accuracy.csv", accuracy)
         write_csv(run_dir / "layers.csv", layers)
         write_json(run_dir / "counts.json", counts)
+        products = RunProducts(run_dir, cfg, converted, accuracy, layers, counts, summary)
+        for export in exporters:  # each writes its own files (export=[...], conf/export/)
+            export(products)
         write_json(run_dir / "summary.json", summary)
     except BaseException:
         for name in ("accuracy.csv", "layers.csv", "counts.json"):

@@ -11,16 +11,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from snnbench.app.console import console
+from snnbench.conversion.methods.ecmt import softmax_encoders
+from snnbench.core.analog import Analog, Reencode, Slot
 from snnbench.core.calibrate import calibrate
-from snnbench.core.graph import RELU_FUNCTIONS, RELU_METHODS, replace_modules, trace
+from snnbench.core.graph import (
+    RELU_FUNCTIONS,
+    RELU_METHODS,
+    _set_module,
+    canonicalize,
+    replace_modules,
+    spiking_layer_names,
+    trace,
+)
 from snnbench.errors import UserError
 from snnbench.io.cache import data_bytes, load_data, sha256_of
 from snnbench.io.checkpoints import load_checkpoint
 from snnbench.io.files import atomic_write_bytes
 from snnbench.models.qcfs import QCFS
+from snnbench.models.spikezip import SpikeZIPQuantizer
 
 log = logging.getLogger("snnbench")
-ACTIVATIONS = ("qcfs",)         # train.activation: besides null, the model's own ReLUs
+ACTIVATIONS = ("qcfs", "spikezip")  # train.activation: besides null, the model's own ReLUs
 QCFS_INITIAL_THRESHOLD = 8.0    # the lambda every QCFS layer starts at when train.qcfs_init is null (Bu et al.'s code)
 QCFS_INIT_BATCHES = 4           # training batches whose activations set lambda for train.qcfs_init=activations
 QCFS_INIT_PERCENTILE = 99.9
@@ -47,13 +58,21 @@ def evaluate(model: nn.Module, batches, device) -> float:
 def with_activation(model: nn.Module, cfg, thresholds: dict[str, float] | None = None) -> nn.Module:
     """`model` with the training recipe's activation: as it is (train.activation=null), or (qcfs) a copy with
     each ReLU module a QCFS activation of train.qcfs_levels levels whose lambda starts at thresholds[name], or at
-    train.qcfs_init (null: 8.0)."""
+    train.qcfs_init (null: 8.0), or (spikezip) SpikeZIP-TF's quantised network (spikezip_network) whose steps
+    start at thresholds[name] / the highest level (1.0 where none is given)."""
     activation = cfg.get("activation")
     if activation is None:
         return model
     if activation not in ACTIVATIONS:
         raise UserError(f"train.activation must be null (the model's own ReLUs) or one of {', '.join(ACTIVATIONS)}, "
                         f"got {activation!r}")
+    if activation == "spikezip":
+        levels = cfg.get("spikezip_levels")
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 4:
+            raise UserError(f"train.activation=spikezip needs train.spikezip_levels, the quantisation levels (an "
+                            f"integer of at least 4: a signed quantiser has levels/2 - 1 positive ones), got "
+                            f"{levels!r}: e.g. train.spikezip_levels=16")
+        return spikezip_network(model, levels, thresholds or {})
     levels, init = cfg.get("qcfs_levels"), cfg.get("qcfs_init")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels <= 0:
         raise UserError(f"train.activation=qcfs needs train.qcfs_levels, the quantisation levels L (a positive "
@@ -65,6 +84,56 @@ def with_activation(model: nn.Module, cfg, thresholds: dict[str, float] | None =
     start = init if number else QCFS_INITIAL_THRESHOLD
     return replace_modules(model, {name: QCFS(levels, (thresholds or {}).get(name, start))
                                    for name in relu_modules(model)})
+
+
+def spikezip_network(model: nn.Module, levels: int, thresholds: dict[str, float]) -> torch.fx.GraphModule:
+    """SpikeZIP-TF's quantised ANN of `model`, to train: its canonical network with convert.nonlinear=compensate
+    (a copy: BatchNorm folded, dropout removed), where every spiking layer is a SpikeZIPQuantizer of `levels` levels
+    (signed where it re-encodes an analog value, but after a softmax), its step starting at thresholds[name] /
+    its highest level, and every analog operator the call it stands for again (LayerNorm, GELU, softmax, the
+    products of attention: so that the trained network canonicalises into the same one, its quantisers the
+    spiking layers). The quantisers sit exactly where conversion puts neurons; the state_dict holds the canonical
+    network's weights and each quantiser's learnt `scale`."""
+    canonical = canonicalize(model, "error", "compensate").module
+    unsigned = softmax_encoders(canonical)
+    quantizers = {}
+    for name in spiking_layer_names(canonical):
+        signed = isinstance(canonical.get_submodule(name), Reencode) and name not in unsigned
+        quantizer = SpikeZIPQuantizer(levels, signed)
+        quantizer.scale.data.fill_(thresholds[name] / quantizer.high if name in thresholds else 1.0)
+        quantizers[name] = quantizer
+    network = _with_analog_calls(replace_modules(canonical, quantizers))
+    network.train(model.training)
+    return network
+
+
+def _with_analog_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` with each call of an Analog module replaced by the call it computes (the module it wraps, under the
+    same name, the function or the Tensor method), its Slots filled with the call's arguments."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        analog = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(analog, Analog):
+            continue
+
+        def filled(arg, node=node):
+            return node.args[arg.index] if isinstance(arg, Slot) else arg
+
+        args = torch.fx.node.map_aggregate(analog.args, filled)
+        kwargs = torch.fx.node.map_aggregate(analog.kwargs, filled)
+        with gm.graph.inserting_before(node):
+            if isinstance(analog.function, nn.Module):
+                _set_module(gm, node.target, analog.function)
+                call = gm.graph.call_module(node.target, args, kwargs)
+            elif isinstance(analog.function, str):
+                call = gm.graph.call_method(analog.function, args, kwargs)
+            else:
+                call = gm.graph.call_function(analog.function, args, kwargs)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def relu_modules(model: nn.Module) -> list[str]:
@@ -88,14 +157,18 @@ def relu_modules(model: nn.Module) -> list[str]:
 def start_of_training(model: nn.Module, cfg, train_batches, device) -> nn.Module:
     """What training starts from: `model` with the weights of train.init_checkpoint if set (a fine-tune), in the
     recipe's activation (with_activation); for train.qcfs_init=activations each lambda starts at the 99.9th
-    percentile of its ReLU's outputs on the first training batches, where a trained network's activations are."""
+    percentile of its ReLU's outputs on the first training batches, where a trained network's activations are;
+    for train.activation=spikezip each quantiser's range (its step times its highest level) starts at the 99.9th
+    percentile of its input's magnitude there, in the canonical network."""
     if cfg.get("init_checkpoint"):
         log.info("fine-tuning from %s", cfg.init_checkpoint)
         load_checkpoint(model, cfg.init_checkpoint)
     thresholds = None
-    if cfg.get("activation") is not None and cfg.get("qcfs_init") == "activations":
+    activation = cfg.get("activation")
+    if activation == "spikezip" or activation is not None and cfg.get("qcfs_init") == "activations":
         batches = [images for (images, _), _ in zip(train_batches, range(QCFS_INIT_BATCHES), strict=False)]
-        found = calibrate(model, batches, QCFS_INIT_PERCENTILE, False, device).thresholds
+        measured = canonicalize(model, "error", "compensate").module if activation == "spikezip" else model
+        found = calibrate(measured, batches, QCFS_INIT_PERCENTILE, False, device).thresholds
         thresholds = {name: value.item() for name, value in found.items()}
     return with_activation(model, cfg, thresholds)
 

@@ -8,7 +8,6 @@ import re
 from omegaconf import OmegaConf
 
 from snnbench.errors import UserError
-from snnbench.simulation import engines  # torch-free until an engine is asked for
 
 CALIBRATION_RULES = ("percentile", "local_balancing")  # snnbench.core.calibrate.RULES, which imports torch
 
@@ -66,7 +65,6 @@ def check_values(cfg):
     number_in("sim.max_memory_mb", cfg.sim.max_memory_mb, 0, low_open=True, allow_none=True,
               meaning=" (megabytes the activations of a chunk may take; null: half the free memory)", example=4096)
     choices = {"sim.coding": (cfg.sim.coding, ("direct", "poisson")),
-               "sim.engine": (cfg.sim.engine, ("auto", *engines.names())),
                "calibrate.rule": (cfg.calibrate.rule, CALIBRATION_RULES),
                "sim.split": (cfg.sim.split, ("test", "train")),
                "convert.maxpool": (cfg.convert.maxpool, ("error", "avg")),
@@ -76,9 +74,12 @@ def check_values(cfg):
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    for key in ("channels_last", "integer_conv"):
-        if cfg.sim[key] not in ("auto", True, False):
-            raise UserError(f"sim.{key} must be auto, true or false, got {cfg.sim[key]!r}")
+    if cfg.train.get("activation") == "spikezip" and cfg.convert.nonlinear != "compensate":
+        # refused before training, not after it, when the trained network is canonicalised
+        raise UserError("train.activation=spikezip trains quantisers where convert.nonlinear=compensate puts spiking "
+                        "layers, around LayerNorm, GELU, softmax and attention: add convert.nonlinear=compensate")
+    if cfg.sim.channels_last not in ("auto", True, False):
+        raise UserError(f"sim.channels_last must be auto, true or false, got {cfg.sim.channels_last!r}")
     if not isinstance(cfg.calibrate.per_channel, bool):
         raise UserError(f"calibrate.per_channel must be true or false, got {cfg.calibrate.per_channel!r}")
     check_device(cfg.device)
@@ -86,7 +87,8 @@ def check_values(cfg):
         raise UserError(f"cache_dir must name a folder, got {cfg.cache_dir!r}: e.g. cache_dir=outputs/cache (or "
                         "unset it)")
     settings = {key: value for key, value in cfg.items() if key != "hydra"}  # Hydra's own keys are not the run's
-    for key, value in _numbers(OmegaConf.to_container(OmegaConf.create(settings), resolve=True)):
+    # unresolved: a value interpolated from another key (model.std: ${dataset.std}) is named where it is set
+    for key, value in _numbers(OmegaConf.to_container(OmegaConf.create(settings), resolve=False)):
         if not math.isfinite(value):
             raise UserError(f"{key} must be a finite number, got {value!r}")
 

@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 from snnbench.conversion.methods import Conversion
+from snnbench.conversion.methods.spikezip import SpikeTracerNeuron
 from snnbench.conversion.restructure import Restructuring
 from snnbench.core.analog import ReencodingNeuron, analog_operators
 from snnbench.core.calibrate import Calibration
 from snnbench.core.graph import device_of, replace_modules, spiking_layer_names
-from snnbench.core.neurons import IFNeuron
+from snnbench.core.neurons import IFNeuron, NeuronSpec
 
-NEURONS = {"IFNeuron": IFNeuron, "ReencodingNeuron": ReencodingNeuron}  # the classes a saved conversion may name
+# the classes a saved conversion may name
+NEURONS = {"IFNeuron": IFNeuron, "ReencodingNeuron": ReencodingNeuron, "SpikeTracerNeuron": SpikeTracerNeuron}
 
 
 def as_data(conversion: Conversion) -> dict:
@@ -97,12 +99,10 @@ def _neuron(name: str, settings: dict, state: dict) -> IFNeuron:
     if settings["class"] not in NEURONS:
         raise ValueError(f"neuron {name} names class {settings['class']!r}, which is not one of snnbench's")
     c_max, neg_threshold = settings["c_max"], settings["neg_threshold"]
-    neuron = NEURONS[settings["class"]](
+    return NEURONS[settings["class"]].built(NeuronSpec(
         state[f"{name}.threshold"], state[f"{name}.v0"], None if c_max is None else _count(c_max),
         None if neg_threshold is None else _number(neg_threshold), _flag(settings["require_positive_net"]),
-        _flag(settings["emits_coefficients"]))
-    neuron.bias = state.get(f"{name}.bias")
-    return neuron
+        _flag(settings["emits_coefficients"]), state.get(f"{name}.bias")))
 
 
 def _count(value) -> int:

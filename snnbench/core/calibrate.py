@@ -9,6 +9,7 @@ from torch import nn
 
 from snnbench.core.analog import signed_layers
 from snnbench.core.graph import ClippedReLU, device_of, spiking_layer_names
+from snnbench.core.stepped import broadcast_over_sample, channel_dim, channel_major
 from snnbench.errors import UserError
 
 SAMPLES_PER_BATCH = 100_000  # activations kept per layer and batch for the percentile (quantile's size limit)
@@ -18,7 +19,7 @@ BALANCING_EPS = 1e-6  # the smallest balanced threshold (SpikingJelly's eps)
 
 @dataclass
 class Calibration:
-    thresholds: dict[str, torch.Tensor]   # per layer: a scalar, or one value per channel
+    thresholds: dict[str, torch.Tensor]   # per layer: a scalar, or one value per channel (channel_dim)
     neurons: dict[str, int]               # neurons per image in each layer
     percentile: float | None              # None: thresholds not chosen by a percentile
     per_channel: bool
@@ -66,13 +67,13 @@ def calibrate(model: nn.Module, batches, percentile: float, per_channel: bool, d
             if name in signed:  # a signed neuron spikes at +-threshold: its threshold sizes the magnitude
                 act = act.abs()
             neurons[name] = act[0].numel()
-            channel_major = act.transpose(0, 1).reshape(act.shape[1], -1) if per_channel else act.reshape(1, -1)
-            batch_max = channel_major.amax(dim=1)
+            rows = channel_major(act) if per_channel else act.reshape(1, -1)
+            batch_max = rows.amax(dim=1)
             maxima[name] = torch.maximum(maxima[name], batch_max) if name in maxima else batch_max
             if percentile < 100:
-                rows, columns = channel_major.shape
-                keep = torch.randperm(columns, generator=generator)[:max(SAMPLES_PER_BATCH // rows, 1000)]
-                picked = channel_major[:, keep]
+                channels, columns = rows.shape
+                keep = torch.randperm(columns, generator=generator)[:max(SAMPLES_PER_BATCH // channels, 1000)]
+                picked = rows[:, keep]
                 samples[name].append(torch.where(picked > 0, picked, torch.nan))
     thresholds = {}
     for name in names:
@@ -97,15 +98,15 @@ def balance(model: nn.Module, batches, per_channel: bool, device) -> Calibration
         def grow_and_clip(module, inputs, output, name=name):
             sign = output.sign() if name in signed else None  # a signed layer: balanced on the magnitude
             output = output.abs() if name in signed else output
-            reduced = [d for d in range(output.dim()) if d != 1] if per_channel else list(range(output.dim()))
-            shape = [1, -1, *[1] * (output.dim() - 2)] if per_channel else []
-            threshold = thresholds.get(name, output.new_zeros(output.shape[1] if per_channel else ()))
-            overflow = torch.relu(output - threshold.view(shape)).mean(reduced)
+            channel = channel_dim(output.dim())
+            reduced = [d for d in range(output.dim()) if d != channel] if per_channel else list(range(output.dim()))
+            threshold = thresholds.get(name, output.new_zeros(output.shape[channel] if per_channel else ()))
+            overflow = torch.relu(output - broadcast_over_sample(threshold, output.dim() - 1)).mean(reduced)
             # a clipped ReLU's threshold never exceeds its clip (where its activation saturates)
             clip = module.clip if isinstance(module, ClippedReLU) else None
             thresholds[name] = (threshold + 2 * overflow).clamp(min=BALANCING_EPS, max=clip)
             neurons[name] = output[0].numel()
-            clipped = torch.minimum(output, thresholds[name].view(shape))
+            clipped = torch.minimum(output, broadcast_over_sample(thresholds[name], output.dim() - 1))
             return clipped if sign is None else clipped * sign
         hooks.append(model.get_submodule(name).register_forward_hook(grow_and_clip))
     try:

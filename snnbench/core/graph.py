@@ -35,6 +35,7 @@ from snnbench.core.stepped import Stepped, broadcast_over_sample
 from snnbench.errors import UserError
 from snnbench.models.normalize import Normalize
 from snnbench.models.qcfs import QCFS
+from snnbench.models.spikezip import SpikeZIPQuantizer
 
 RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_", F.relu_: "F.relu_"}
 RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
@@ -141,16 +142,16 @@ class Activation:
 
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer, with the source line of every node; snnbench's input normalisation, QCFS activations,
-    clipped ReLUs and channel scales, spiking neurons and analog operators, and torchvision's stochastic depth stay
-    one call each."""
+    SpikeZIP-TF quantisers, clipped ReLUs and channel scales, spiking neurons and analog operators, and
+    torchvision's stochastic depth stay one call each."""
 
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
 
     def is_leaf_module(self, module: nn.Module, name: str) -> bool:
-        return (isinstance(module, Normalize | QCFS | ClippedReLU | ChannelScale | Stepped | Analog | Reencode
-                           | StochasticDepth)
+        return (isinstance(module, Normalize | QCFS | SpikeZIPQuantizer | ClippedReLU | ChannelScale | Stepped | Analog
+                           | Reencode | StochasticDepth)
                 or super().is_leaf_module(module, name))
 
 
@@ -193,8 +194,8 @@ def canonicalize(model: nn.Module, maxpool: str = "error", nonlinear: str = "ref
     # nodes know the user's source lines
     gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
     in_parts = with_traceable_transformers(gm)
-    if in_parts is not gm:  # attention in parts, traced again (the nodes inside point at snnbench's attention.py)
-        gm = trace(in_parts)
+    if in_parts is not gm:  # attention in parts, traced again
+        gm = _traced_again(in_parts)
     refusal = first_refused_node(gm, maxpool, nonlinear)
     if refusal:
         raise UserError(refusal)
@@ -700,11 +701,35 @@ def _describe(node, module) -> str:
 
 
 def _source_line(node) -> str:
-    """', file.py:12' for the user's line that made this node, when fx recorded it (not torch's own frames)."""
-    torch_dir = f"{Path(torch.__file__).parent}{os.sep}"
+    """' at file.py:12' for the user's line that made this node, when fx recorded it: not torch's own frames, nor
+    snnbench's rewriting (core/: attention in parts names the user's call of the attention)."""
     frames = re.findall(r'File "([^"]+)", line (\d+)', node.stack_trace or "")
-    user = [(f, line) for f, line in frames if not f.startswith(torch_dir)]
+    user = [(f, line) for f, line in frames if not f.startswith(NOT_USER_CODE)]
     return f" at {Path(user[-1][0]).name}:{user[-1][1]}" if user else ""
+
+
+NOT_USER_CODE = (f"{Path(torch.__file__).parent}{os.sep}", f"{Path(__file__).parent}{os.sep}")
+
+
+def _traced_again(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`model`, a traced graph rewritten in place (attention in parts), traced again. The new nodes were made by
+    `model`'s generated code (`<eval_with_key>.N`): each gets, in place of that frame of its stack trace, the stack
+    trace of the node of `model` that made it, so that refusals name the user's source lines."""
+    gm = trace(model)
+    code, originals = model.forward.__code__, list(model.graph.nodes)
+    generated = re.compile(rf'File "{re.escape(code.co_filename)}", line (\d+)')
+
+    def original_frames(frame: str) -> str:
+        found = generated.search(frame)
+        index = model._lineno_map.get(int(found[1]) - code.co_firstlineno) if found else None
+        made_by = originals[index].stack_trace if index is not None else None
+        return f"{made_by}\n" if made_by else frame
+
+    for node in gm.graph.nodes:
+        if node.stack_trace:
+            frames = re.split(r'(?m)^(?=\s*File ")', node.stack_trace)
+            node.stack_trace = "".join(original_frames(frame) for frame in frames)
+    return gm
 
 
 def spiking_layer_names(model: nn.Module) -> list[str]:

@@ -12,12 +12,42 @@ run a chunk of steps its own way, as snnbench.simulation.triton_neuron does in o
 """
 
 import math
+from dataclasses import dataclass, fields, replace
+from typing import Self
 
 import torch
 import torch.fx
 from torch import nn
 
 from snnbench.core.stepped import Stepped, broadcast_over_sample
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronSpec:
+    """What an IF neuron is, fixed when it is built: its parameters (tensors: a scalar, one value per channel, or
+    one per neuron shaped like one sample) and its knobs. A method that tunes or corrects neurons builds new ones
+    from changed specs (dataclasses.replace, IFNeuron.built); it never changes a neuron's buffers. The state of a
+    simulation (membrane, counters) is the neuron's own, not part of its spec."""
+    threshold: torch.Tensor                 # positive
+    v0: torch.Tensor | float = 0.0          # initial membrane potential, in units of the threshold
+    c_max: int | None = 1                   # the most spikes a step (None: unbounded)
+    neg_threshold: float | None = None      # a negative spike at v <= -neg_threshold x threshold (None: none)
+    require_positive_net: bool = True       # a negative spike only while the net count is positive
+    emits_coefficients: bool = False        # emits c instead of c x threshold (its consumers fold the threshold)
+    bias: torch.Tensor | None = None        # a current added every step (TTRBR's mean correction, Li et al.'s shift)
+
+    def __post_init__(self):
+        # tensors of float32 (the same tensors where they are already: a neuron's spec shares its buffers)
+        threshold = torch.as_tensor(self.threshold, dtype=torch.float32)
+        if not bool((threshold > 0).all()):
+            raise ValueError("neuron thresholds must be positive")
+        object.__setattr__(self, "threshold", threshold)
+        object.__setattr__(self, "v0", torch.as_tensor(self.v0, dtype=torch.float32))
+        if self.bias is not None:
+            object.__setattr__(self, "bias", torch.as_tensor(self.bias, dtype=torch.float32))
+
+
+SPEC_FIELDS = frozenset(field.name for field in fields(NeuronSpec))
 
 
 class IFNeuron(Stepped):
@@ -29,28 +59,43 @@ class IFNeuron(Stepped):
         neg_threshold: float | None = None,
         require_positive_net: bool = True,
         emits_coefficients: bool = False,
+        bias: torch.Tensor | None = None,
     ):
+        """The neuron of NeuronSpec(threshold, v0, ...), whose fields these are."""
         super().__init__()
-        threshold = torch.as_tensor(threshold, dtype=torch.float32)
-        if not bool((threshold > 0).all()):
-            raise ValueError("neuron thresholds must be positive")
-        self.register_buffer("threshold", threshold)
-        self.register_buffer("v0", torch.as_tensor(v0, dtype=torch.float32))  # in units of the threshold
-        self.c_max = c_max
-        self.neg_threshold = neg_threshold
-        self.require_positive_net = require_positive_net
-        self.register_buffer("bias", None)  # optional current per channel, added every step (TTRBR)
-        self.emits_coefficients = emits_coefficients
+        spec = NeuronSpec(threshold, v0, c_max, neg_threshold, require_positive_net, emits_coefficients, bias)
+        self.register_buffer("threshold", spec.threshold)
+        self.register_buffer("v0", spec.v0)
+        self.register_buffer("bias", spec.bias)
+        self.c_max = spec.c_max
+        self.neg_threshold = spec.neg_threshold
+        self.require_positive_net = spec.require_positive_net
+        self.emits_coefficients = spec.emits_coefficients
         self.begin(total_steps=0)
 
+    def __setattr__(self, name: str, value):
+        if name in SPEC_FIELDS and hasattr(self, name):
+            raise AttributeError(f"a neuron's {name} is fixed when it is built: build another from "
+                                 f"dataclasses.replace(neuron.spec, {name}=...) with {type(self).__name__}.built")
+        super().__setattr__(name, value)
+
     @classmethod
-    def like(cls, neuron: "IFNeuron", emits_coefficients: bool | None = None) -> "IFNeuron":
-        """A neuron of this class with `neuron`'s knobs and buffers (the same tensors) and a state of its own,
-        emitting its coefficients if `emits_coefficients` (None: as `neuron` does)."""
-        copy = cls(neuron.threshold, neuron.v0, neuron.c_max, neuron.neg_threshold, neuron.require_positive_net,
-                   neuron.emits_coefficients if emits_coefficients is None else emits_coefficients)
-        copy.bias = neuron.bias
-        return copy
+    def built(cls, spec: NeuronSpec) -> Self:
+        """A neuron of this class as `spec` says (its tensors become the neuron's buffers, not copied)."""
+        return cls(**{name: getattr(spec, name) for name in SPEC_FIELDS})
+
+    @property
+    def spec(self) -> NeuronSpec:
+        """This neuron's spec, on its buffers (the same tensors, on the neuron's device)."""
+        return NeuronSpec(self.threshold, self.v0, self.c_max, self.neg_threshold, self.require_positive_net,
+                          self.emits_coefficients, self.bias)
+
+    @classmethod
+    def like(cls, neuron: "IFNeuron", emits_coefficients: bool | None = None) -> Self:
+        """A neuron of this class with `neuron`'s spec (the same tensors) and a state of its own, emitting its
+        coefficients if `emits_coefficients` (None: as `neuron` does)."""
+        spec = neuron.spec
+        return cls.built(spec if emits_coefficients is None else replace(spec, emits_coefficients=emits_coefficients))
 
     def begin(self, total_steps: int):
         """Start a new sample batch: clear the membrane (made at the first chunk, shaped like one step of its input)

@@ -61,8 +61,26 @@ class RepeatSteps(Stepped):
         return cls()
 
 
+def channel_dim(dims: int) -> int:
+    """The channel dimension of an activation of `dims` dimensions [batch, ...], the one definition snnbench uses: the
+    last of tokens [batch, tokens, features] (what nn.Linear and LayerNorm read), dimension 1 of everything else
+    (a map [batch, channels, height, width], rows of features [batch, features]). Shapes alone cannot tell a
+    Conv1d's [batch, channels, length] from tokens, nor Swin's channels-last maps [batch, height, width, channels]
+    from images: those take this rule too."""
+    return dims - 1 if dims == 3 else 1
+
+
+def channel_major(x: torch.Tensor) -> torch.Tensor:
+    """`x` [batch, ...] as [channels, everything else] (channel_dim): per-channel statistics reduce its rows."""
+    dim = channel_dim(x.dim())
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1)
+
+
 def broadcast_over_sample(value: torch.Tensor, sample_dims: int) -> torch.Tensor:
-    """A scalar, one value per channel (dimension 1 of a sample [batch, channels, ...]) broadcast over the other
-    dimensions of a sample, or one value per element shaped like one sample: the one way snnbench broadcasts a
-    neuron's threshold, bias or initial potential."""
-    return value if value.dim() in (0, sample_dims) else value.view(-1, *([1] * (sample_dims - 1)))
+    """A scalar, one value per channel (channel_dim of a sample [batch, ...] of `sample_dims` dimensions) broadcast
+    over the other dimensions of a sample, or one value per element shaped like one sample: the one way snnbench
+    broadcasts a neuron's threshold, bias or initial potential."""
+    if value.dim() in (0, sample_dims):
+        return value
+    after_channel = sample_dims - channel_dim(sample_dims + 1)  # the sample's dimensions after its channel
+    return value.view(-1, *([1] * after_channel))

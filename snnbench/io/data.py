@@ -1,6 +1,6 @@
-"""Dataset registry -> train / calibration / test sets. Images are tensors in [0, 1]; each model normalises
-its own input, so Poisson coding can read intensities directly. Every data file is read through
-`read_data_file`, and `identity` names the data a cache entry was built from."""
+"""Datasets -> train / calibration / test sets. Each dataset config names its DataSource by `_target_`. Images
+are tensors in [0, 1]; each model normalises its own input, so Poisson coding can read intensities directly. Every
+data file is read through `read_data_file`, and `identity` names the data a cache entry was built from."""
 
 import gzip
 import hashlib
@@ -8,8 +8,10 @@ import importlib.util
 import json
 import pickle
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.datasets.vision import VisionDataset
 
 from snnbench.errors import UserError
+from snnbench.io.configs import class_named
 from snnbench.io.files import atomic_write_bytes
 
 
@@ -44,18 +47,64 @@ def read_data_file(path: Path, read, fix: str):
         raise UserError(f"cannot read {path} ({type(err).__name__}{': ' + reason if reason else ''}): {fix}") from err
 
 
-def load_digits_splits(cfg) -> DataSplits:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+@dataclass(frozen=True, kw_only=True)
+class DataSource(ABC):
+    """What a dataset config's `_target_` names: a dataset built from the config's other keys (conf/dataset/*.yaml),
+    which gives its splits and the files they are read from. A dataset of your own is a subclass (its own keys as
+    fields with defaults) and a YAML naming it (docs/models.md); it reads any file through read_data_file."""
+    name: str                # the label in reports and cache file names
+    channels: int            # the images' shape, which the model configs read by interpolation
+    image_size: int
+    num_classes: int
+    mean: list[float]        # the input normalisation each model applies (unless its config sets its own)
+    std: list[float]
+    root: str = "data"       # the folder the files are read from
+    download: bool = False
+    verify: bool = True
+    augment: bool = False    # random crop (padding 4) + horizontal flip of the training split
 
-    digits = read_data_file(_digits_file(), lambda path: load_digits(), "reinstall scikit-learn")
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target)
-    train_idx, test_idx = train_test_split(
-        range(len(labels)), test_size=cfg.test_fraction, stratify=digits.target, random_state=0)
-    train = TensorDataset(images[train_idx], labels[train_idx])
-    return DataSplits(train, train, TensorDataset(images[test_idx], labels[test_idx]),
-                      [str(name) for name in digits.target_names])
+    @abstractmethod
+    def splits(self, cache_dir: Path) -> DataSplits:
+        """The train, calibration and test splits; `cache_dir` may hold files derived from the data."""
+
+    @abstractmethod
+    def files(self) -> tuple[Path, list[Path]]:
+        """The folder the data are read from and the files in it that `splits` reads (their names, sizes and
+        modification times key the cache: `identity`)."""
+
+    def augmentation(self):
+        if not self.augment:
+            return transforms.ToTensor()
+        return transforms.Compose([transforms.RandomCrop(self.image_size, padding=4),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+
+
+@dataclass(frozen=True, kw_only=True)
+class DigitsSource(DataSource):
+    """scikit-learn's load_digits: 1797 8x8 digits shipped inside the wheel."""
+    test_fraction: float = 0.25  # a fixed stratified split (random_state 0)
+
+    def splits(self, cache_dir: Path) -> DataSplits:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = read_data_file(_digits_file(), lambda path: load_digits(), "reinstall scikit-learn")
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(digits.target)
+        train_idx, test_idx = train_test_split(
+            range(len(labels)), test_size=self.test_fraction, stratify=digits.target, random_state=0)
+        train = TensorDataset(images[train_idx], labels[train_idx])
+        return DataSplits(train, train, TensorDataset(images[test_idx], labels[test_idx]),
+                          [str(name) for name in digits.target_names])
+
+    def files(self) -> tuple[Path, list[Path]]:
+        return _digits_file().parent, [_digits_file()]
+
+
+def _digits_file() -> Path:
+    """scikit-learn's copy of the digits, which load_digits reads (found without importing scikit-learn)."""
+    package = importlib.util.find_spec("sklearn")
+    return Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
 
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -153,54 +202,95 @@ class CIFAR100(_CIFARFiles, datasets.CIFAR100):
     pass
 
 
-TORCHVISION = {"mnist": MNIST, "fashion_mnist": FashionMNIST, "cifar10": CIFAR10, "cifar100": CIFAR100}
-WHERE = {"mnist": "MNIST/raw/", "fashion_mnist": "FashionMNIST/raw/", "cifar10": "cifar-10-batches-py/",
-         "cifar100": "cifar-100-python/", "imagefolder": "train/ and val/"}
-
-
-def _digits_file() -> Path:
-    """scikit-learn's copy of the digits, which load_digits reads (found without importing scikit-learn)."""
-    package = importlib.util.find_spec("sklearn")
-    return Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-
-
-def _augmentation(cfg):
-    if not cfg.augment:
-        return transforms.ToTensor()
-    return transforms.Compose([transforms.RandomCrop(cfg.image_size, padding=4),
-                               transforms.RandomHorizontalFlip(), transforms.ToTensor()])
-
-
-def _missing(cfg, root, err=None) -> UserError:
+def _missing(source: DataSource, where: str, err=None, hint: str = "") -> UserError:
     reason = f" ({str(err).splitlines()[0]})" if err else ""
-    hint = " or dataset.download=true" if cfg.name in TORCHVISION and not cfg.download else ""
-    return UserError(f"{cfg.name} files not found under {Path(root).resolve()}/{WHERE[cfg.name]}{reason}: "
-                     f"set dataset.root=<folder holding {WHERE[cfg.name]}> (or env SNNBENCH_DATA){hint}")
+    return UserError(f"{source.name} files not found under {Path(source.root).resolve()}/{where}{reason}: "
+                     f"set dataset.root=<folder holding {where}> (or env SNNBENCH_DATA){hint}")
 
 
-def load_torchvision_splits(cfg, cache_dir) -> DataSplits:
-    cls = TORCHVISION[cfg.name]
-    root = Path(cfg.root)
-    if cls in (MNIST, FashionMNIST):
-        root = _idx_root(cls, root, Path(cache_dir))
-    try:
-        def split(train, transform):
-            if cls in (CIFAR10, CIFAR100):
-                return cls(str(root), train, transform, cfg.download, cfg.verify)
-            return cls(str(root), train=train, transform=transform, download=cfg.download)
+@dataclass(frozen=True, kw_only=True)
+class _TorchvisionSource(DataSource):
+    """One of torchvision's datasets in its own file layout under `root`, downloaded there with download=true."""
+    reader: ClassVar[type]  # the torchvision class, reading each file through read_data_file
+    where: ClassVar[str]    # where its files lie under root
 
-        train = split(True, _augmentation(cfg))
-        return DataSplits(train, split(True, transforms.ToTensor()), split(False, transforms.ToTensor()),
-                          list(train.classes))
-    except RuntimeError as err:
-        # missing files, or (MNIST) every download mirror unreachable
-        if any(sign in str(err) for sign in ("not found", "corrupted", "Error downloading")):
-            hint = (" -- a re-packed copy with exact pixels? add dataset.verify=false"
-                    if cfg.verify and cfg.name.startswith("cifar") else "")
-            raise UserError(f"{_missing(cfg, cfg.root, err)}{hint}") from err
-        raise
-    except OSError as err:  # download attempted without network
-        raise _missing(cfg, cfg.root, err) from err
+    @abstractmethod
+    def _split(self, root: Path, train: bool, transform) -> Dataset:
+        ...
+
+    def _root(self, cache_dir: Path) -> Path:
+        return Path(self.root)
+
+    def _not_found_hint(self) -> str:
+        return "" if self.download else " or dataset.download=true"
+
+    def splits(self, cache_dir: Path) -> DataSplits:
+        root = self._root(cache_dir)
+        try:
+            train = self._split(root, True, self.augmentation())
+            return DataSplits(train, self._split(root, True, transforms.ToTensor()),
+                              self._split(root, False, transforms.ToTensor()), list(train.classes))
+        except RuntimeError as err:
+            # missing files, or (MNIST) every download mirror unreachable
+            if any(sign in str(err) for sign in ("not found", "corrupted", "Error downloading")):
+                raise _missing(self, self.where, err, self._not_found_hint()) from err
+            raise
+        except OSError as err:  # download attempted without network
+            raise _missing(self, self.where, err, self._not_found_hint()) from err
+
+
+@dataclass(frozen=True, kw_only=True)
+class _IDXSource(_TorchvisionSource):
+    def _root(self, cache_dir: Path) -> Path:
+        return _idx_root(self.reader, Path(self.root), cache_dir)
+
+    def _split(self, root: Path, train: bool, transform) -> Dataset:
+        return self.reader(str(root), train=train, transform=transform, download=self.download)
+
+    def files(self) -> tuple[Path, list[Path]]:
+        """The unpacked IDX files where they sit beside the .gz, else the .gz."""
+        root = Path(self.root)
+        raw = root / self.reader.__name__ / "raw"
+        return root, [raw / name if (raw / name).exists() else raw / f"{name}.gz" for name in IDX_FILES]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MNISTSource(_IDXSource):
+    reader = MNIST
+    where = "MNIST/raw/"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FashionMNISTSource(_IDXSource):
+    reader = FashionMNIST
+    where = "FashionMNIST/raw/"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _CIFARSource(_TorchvisionSource):
+    def _split(self, root: Path, train: bool, transform) -> Dataset:
+        return self.reader(str(root), train, transform, self.download, self.verify)
+
+    def _not_found_hint(self) -> str:
+        return super()._not_found_hint() + (
+            " -- a re-packed copy with exact pixels? add dataset.verify=false" if self.verify else "")
+
+    def files(self) -> tuple[Path, list[Path]]:
+        root, cls = Path(self.root), self.reader
+        folder = root / cls.base_folder
+        return root, [folder / name for name, _ in cls.train_list + cls.test_list] + [folder / cls.meta["filename"]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CIFAR10Source(_CIFARSource):
+    reader = CIFAR10
+    where = "cifar-10-batches-py/"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CIFAR100Source(_CIFARSource):
+    reader = CIFAR100
+    where = "cifar-100-python/"
 
 
 def _rgb_image(path: Path) -> Image.Image:
@@ -224,42 +314,55 @@ class _ImageFolder(datasets.ImageFolder):
         return self.given_classes, {name: number for number, name in enumerate(self.given_classes)}
 
 
-def load_imagefolder_splits(cfg) -> DataSplits:
-    root = Path(cfg.root)
-    if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise _missing(cfg, root)
-    classes, _ = datasets.folder.find_classes(str(root / "train"))
-    unknown = sorted(set(datasets.folder.find_classes(str(root / "val"))[0]) - set(classes))
-    if unknown:
-        raise UserError(f"{root.resolve()}/val/ holds class folders that train/ lacks ({', '.join(unknown)}): give "
-                        "both the same class folders")
-    resize = [transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size)]
-    plain = transforms.Compose([*resize, transforms.ToTensor()])
-    augmented = transforms.Compose([*resize, _augmentation(cfg)]) if cfg.augment else plain
-    splits = DataSplits(_ImageFolder(root / "train", classes, augmented), _ImageFolder(root / "train", classes, plain),
-                        _ImageFolder(root / "val", classes, plain), classes)
-    for name, split in (("train", splits.train), ("val", splits.test)):
-        if len(split) == 0:
-            raise UserError(f"no images in {root.resolve()}/{name}/ (<class>/<image>.png and the like): add them, "
-                            "or point dataset.root at the folder that holds them")
-    return splits
+@dataclass(frozen=True, kw_only=True)
+class ImageFolderSource(DataSource):
+    """Any folder of images: root/train/<class>/*.png and root/val/<class>/*.png, resized (and centre-cropped)
+    to image_size."""
 
+    def splits(self, cache_dir: Path) -> DataSplits:
+        root = Path(self.root)
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise _missing(self, "train/ and val/")
+        classes, _ = datasets.folder.find_classes(str(root / "train"))
+        unknown = sorted(set(datasets.folder.find_classes(str(root / "val"))[0]) - set(classes))
+        if unknown:
+            raise UserError(f"{root.resolve()}/val/ holds class folders that train/ lacks ({', '.join(unknown)}): "
+                            "give both the same class folders")
+        resize = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
+        plain = transforms.Compose([*resize, transforms.ToTensor()])
+        augmented = transforms.Compose([*resize, self.augmentation()]) if self.augment else plain
+        splits = DataSplits(_ImageFolder(root / "train", classes, augmented),
+                            _ImageFolder(root / "train", classes, plain), _ImageFolder(root / "val", classes, plain),
+                            classes)
+        for name, split in (("train", splits.train), ("val", splits.test)):
+            if len(split) == 0:
+                raise UserError(f"no images in {root.resolve()}/{name}/ (<class>/<image>.png and the like): add them, "
+                                "or point dataset.root at the folder that holds them")
+        return splits
 
-def data_files(cfg) -> tuple[Path, list[Path]]:
-    """The folder a dataset is read from and the files in it that snnbench reads (for MNIST, the unpacked IDX
-    files where they sit beside the .gz, else the .gz)."""
-    if cfg.name == "digits":
-        return _digits_file().parent, [_digits_file()]
-    root = Path(cfg.root)
-    if cfg.name == "imagefolder":
+    def files(self) -> tuple[Path, list[Path]]:
+        root = Path(self.root)
         return root, sorted(path for split in ("train", "val") for path in (root / split).rglob("*")
                             if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS))
-    cls = TORCHVISION[cfg.name]
-    if cls in (MNIST, FashionMNIST):
-        raw = root / cls.__name__ / "raw"
-        return root, [raw / name if (raw / name).exists() else raw / f"{name}.gz" for name in IDX_FILES]
-    folder = root / cls.base_folder
-    return root, [folder / name for name, _ in cls.train_list + cls.test_list] + [folder / cls.meta["filename"]]
+
+
+def data_source(cfg) -> DataSource:
+    """The DataSource subclass that the dataset config's `_target_` names, built with the config's other keys."""
+    keys = OmegaConf.to_container(cfg, resolve=True)
+    target = keys.pop("_target_", None)
+    if target is None:
+        raise UserError(f"dataset {cfg.get('name')} names no _target_: add `_target_: <module>.<class>` to its config "
+                        "(a snnbench.io.data.DataSource subclass, docs/models.md)")
+    source_class = class_named(target, "dataset", DataSource, "snnbench.io.data.MNISTSource")
+    try:
+        return source_class(**keys)
+    except TypeError as err:  # a key the class does not have, or one it needs missing
+        raise UserError(f"cannot build dataset._target_={target} ({_first_line(err)}): give the dataset config the "
+                        f"keys {source_class.__name__} takes") from err
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def identity(cfg) -> dict:
@@ -267,7 +370,7 @@ def identity(cfg) -> dict:
     folder it is read from and, cheaply, each file's name, size and modification time. Every cache key of
     something built from the data (a trained ANN, a calibration) holds it, so that other data -- another image
     folder, a replaced file -- never reuses an entry."""
-    root, files = data_files(cfg)
+    root, files = data_source(cfg).files()
     listing = [(str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns)
                for path in files for stat in [path.stat()]]
     # where the files are and whether they were checked is in root and files
@@ -278,13 +381,9 @@ def identity(cfg) -> dict:
 
 
 def build_splits(cfg, cache_dir="outputs/cache") -> DataSplits:
-    """The dataset's splits; refused when it holds more classes than dataset.num_classes (the model's outputs)."""
-    if cfg.name == "digits":
-        splits = load_digits_splits(cfg)
-    elif cfg.name == "imagefolder":
-        splits = load_imagefolder_splits(cfg)
-    else:
-        splits = load_torchvision_splits(cfg, cache_dir)
+    """The splits of the dataset `cfg` names by `_target_`; refused when it holds more classes than
+    dataset.num_classes (the model's outputs)."""
+    splits = data_source(cfg).splits(Path(cache_dir))
     found = len(splits.classes)
     if found > cfg.num_classes:
         names = ", ".join(splits.classes[:5]) + (", ..." if found > 5 else "")

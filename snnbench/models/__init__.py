@@ -1,6 +1,6 @@
-"""The ANN architectures snnbench ships (`model=<name>` configs name them by `arch`)."""
+"""The ANN architectures snnbench ships; their `model=<name>` configs name them by `_target_`."""
 
 from snnbench.models.convnet import ConvNet
 from snnbench.models.resnet import ResNet
 
-ARCHITECTURES = {"convnet": ConvNet, "resnet": ResNet}
+__all__ = ["ConvNet", "ResNet"]

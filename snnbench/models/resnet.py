@@ -35,7 +35,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, depth, in_channels, num_classes, mean, std, **_):
+    def __init__(self, depth, in_channels, num_classes, mean, std):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")

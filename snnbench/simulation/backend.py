@@ -1,12 +1,11 @@
-"""The interface every simulation backend implements (`Backend`: a spiking network and the settings in, a
+"""The interface every simulation engine implements (`Backend`: a spiking network and the settings in, a
 `Simulation` out) and the loop over blocks of images and chunks of steps that they share."""
 
 import abc
 import concurrent.futures
 import ctypes
-import os
 import queue
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -55,16 +54,13 @@ class Settings:
     seed: int = 0                                         # Poisson draws
     layout: torch.memory_format = torch.contiguous_format  # of 4-D feature maps
     sub_batch: int | None = None                          # images simulated at once (None: whole batches)
-    integer_min_depth: int | None = 0                     # int8: the shallowest spike-fed layer in integers
     threads: int | None = None                            # CPU: blocks simulated at once (None: torch's threads)
 
 
-def blocks_at_once(device, threads: int | None = None, engine: str = "torch") -> int:
+def blocks_at_once(device, threads: int | None = None) -> int:
     """Blocks of images simulated at once, each by a thread of its own: on a CPU as many as torch's intra-op
-    threads (or `threads`), each computing with one thread; on a GPU one (its kernels run asynchronously anyway).
-    The triton engine under TRITON_INTERPRET=1 simulates one: Triton's interpreter is not thread-safe (two blocks
-    at once fail with InterpreterError)."""
-    if torch.device(device).type != "cpu" or (engine == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+    threads (or `threads`), each computing with one thread; on a GPU one (its kernels run asynchronously anyway)."""
+    if torch.device(device).type != "cpu":
         return 1
     return threads or torch.get_num_threads()
 
@@ -181,25 +177,46 @@ def _stepped_of(module: torch.fx.GraphModule) -> dict[str, Stepped]:
     return {name: state for name, state in called.items() if isinstance(state, Stepped)}
 
 
+@dataclass(frozen=True)
 class Backend(abc.ABC):
-    """A way to simulate a spiking network (a module holding IFNeuron layers): one module of snnbench.simulation.engines
-    each, as its BACKEND. A backend computes with modules of its own where it computes differently, in a module
-    graph of its own built from the network's traced graph; it never replaces the network's modules or their
-    forward methods."""
-    name: str  # sim.engine=<name>
+    """A way to simulate a spiking network (a module holding IFNeuron layers): a frozen dataclass subclass per
+    engine, whose fields are its options, named by the `_target_` of its YAML in conf/engine/
+    (snnbench.simulation.engines). An engine says where it can run (unavailable), where `engine=auto` should
+    choose it (auto_preference), how many steps it folds (chunk) and how many blocks it simulates at once. It
+    computes with modules of its own where it computes differently, in a module graph of its own built from the
+    network's traced graph; it never replaces the network's modules or their forward methods."""
+    name: str  # engine=<name>: its YAML's name, which names it in results (summary.json, the bench table)
 
     def unavailable(self, device) -> str | None:
-        """Why this backend cannot simulate on `device` here, with the fix (None: it can)."""
+        """Why this engine cannot simulate on `device` here, with the fix (None: it can)."""
         return None
 
+    def auto_preference(self, device) -> int | None:
+        """How much `engine=auto` wants this engine on `device`: the available engine with the highest number
+        is chosen; None: auto never chooses it there."""
+        return None
+
+    def chunk(self, steps: int) -> int:
+        """The time steps this engine folds into one batch when `steps` are asked for."""
+        return steps
+
+    def blocks_at_once(self, device, threads: int | None = None) -> int:
+        """Blocks of images this engine simulates at once on `device` (blocks_at_once)."""
+        return blocks_at_once(device, threads)
+
+    def describe(self) -> str:
+        """The engine and its options, for the log."""
+        return f"{self.name} engine"
+
     def prepare(self, network: nn.Module, settings: Settings) -> Simulation:
-        """`network`, moved to the settings' device and layout, as this backend simulates it: one module graph per
-        block simulated at once. The first calls the network's own neurons where the backend does (so that hooks
+        """`network`, moved to the settings' device and layout, as this engine simulates it: one module graph per
+        block simulated at once. The first calls the network's own neurons where the engine does (so that hooks
         on them see the simulation), the others copies of them (a state of their own)."""
+        settings = replace(settings, chunk=self.chunk(settings.chunk))
         network.eval().to(settings.device, memory_format=settings.layout)
         own = {module for module in network.modules() if isinstance(module, Stepped)}
         modules = []
-        for number in range(blocks_at_once(settings.device, settings.threads, self.name)):
+        for number in range(self.blocks_at_once(settings.device, settings.threads)):
             module = self.module_graph(SpikingGraph(network), settings)  # traced here: fx's tracer is not threadsafe
             for name, state in _stepped_of(module).items():
                 if number and state in own:
@@ -209,7 +226,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def module_graph(self, graph: SpikingGraph, settings: Settings) -> torch.fx.GraphModule:
-        """The module that computes `graph`'s network the way this backend does (SpikingGraph.with_modules)."""
+        """The module that computes `graph`'s network the way this engine does (SpikingGraph.with_modules)."""
 
 
 class ComputedOnce(nn.Module):

@@ -67,12 +67,11 @@ class IntegerLayer(nn.Module):
         self.zero_point = 0 if neuron.neg_threshold is None else 128
         if isinstance(layer, nn.Conv2d):  # oneDNN's argument order
             self.geometry = list(layer.stride), list(layer.padding), list(layer.dilation), 1
-        self.packed_threshold = self.packed_shape = None
+        self.packed_shape = None
 
     def _pack(self, input_shape: tuple[int, ...]):
         """Fold the quanta into the weights and split them into int8 limbs, for inputs of this shape (without the
-        batch); again whenever the threshold tensor is replaced (TTRBR's tuning assigns new ones) or the input
-        shape changes."""
+        batch); again whenever the input shape changes."""
         layer, threshold = self.layer, self.neuron.threshold
         if len(input_shape) not in (1, 3):
             raise ValueError(f"an integer layer takes rows of features or maps, got inputs of shape {input_shape}")
@@ -106,14 +105,14 @@ class IntegerLayer(nn.Module):
                                                           1.0, self.zero_point, *self.geometry, None), scale)
                           for q, scale in limbs]
         self.bias, self.no_zero_points = bias, torch.zeros(len(weight), dtype=torch.long)
-        self.packed_threshold, self.packed_shape = threshold, input_shape
+        self.packed_shape = input_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.layer, nn.Linear) and x.dim() == 3 and self.neuron.threshold.dim() == 0:
-            # tokens [batch, tokens, features] (transformers): each token one row
+        if isinstance(self.layer, nn.Linear) and x.dim() == 3:
+            # tokens [batch, tokens, features] (transformers): each token one row, its channels the features
             return self(x.flatten(0, 1)).unflatten(0, x.shape[:2])
         shape = tuple(x.shape[1:])
-        if self.packed_threshold is not self.neuron.threshold or self.packed_shape != shape:
+        if self.packed_shape != shape:
             self._pack(shape)
         levels = x if self.inverse_quantum is None else torch.mul(x, self.inverse_quantum).round_()
         levels = (levels + self.zero_point if self.zero_point else levels).to(torch.uint8)

@@ -15,11 +15,14 @@ With TRITON_INTERPRET=1 (set before Triton is imported) the same kernel runs on 
 tests check it on a machine without a GPU.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from snnbench.core.neurons import IFNeuron
+from snnbench.core.stepped import channel_dim
 
 BLOCK = 1024  # neurons per program: 8 per thread of 4 warps
 
@@ -126,7 +129,7 @@ def _in_memory_order(value: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
     stride, period): the neuron at offset i of the membrane `v` [batch, ...] has values[(i // stride) % period]."""
     if value.dim() == 0:
         return value, 1, 1
-    if value.dim() == 1:  # per channel (or feature of rows): consecutive in memory, or planes of H x W apart
-        return value, v[0, 0].numel() if v.dim() > 2 and v.is_contiguous() else 1, len(value)
+    if value.dim() == 1:  # per channel: planes apart in a contiguous map, else consecutive (features, tokens' last)
+        return value, math.prod(v.shape[channel_dim(v.dim()) + 1:]) if v.is_contiguous() else 1, len(value)
     per_neuron = value.expand(v.shape[1:]).unsqueeze(0).contiguous(memory_format=_dense_layout(v))
     return per_neuron, 1, v[0].numel()

@@ -1,26 +1,30 @@
-"""One small module per conversion method. Each exposes
+"""One small module per conversion method, each a frozen dataclass subclass of `Method`:
 
-    a Method subclass named <name>           the knobs, typed, with their defaults (those of conf/method/<name>.yaml)
-    validate(knobs)                          -> None, or a UserError naming the knob and the fix
-    convert(ann, calibration, cfg, batches)  -> Conversion
+    its fields                                   the knobs, typed, with their defaults (conf/method/<name>.yaml
+                                                 instantiates the class by `_target_` and may set other values)
+    validate(self)                               called on construction: a UserError naming a bad knob and the fix
+    convert(self, ann, calibration, batches, context) -> Conversion
 
 where `ann` is the canonical network (snnbench.core.graph.canonicalize: BatchNorm folded, one ReLU module per call
-site), `calibration` holds its percentile thresholds, `cfg` is the whole run config (the method's knobs under
-cfg.method) and `batches` yields calibration images (training split). A new method is one module here plus one
-YAML in conf/method/.
+site), `calibration` holds its percentile thresholds, `batches` are calibration images (training split) and
+`context` is what a method may read of the run besides its knobs (Context: T, the calibration's percentile and
+seed). A new method is one module here plus one YAML in conf/method/; a preset of an existing method under a name
+of its own (burst, snm, calibration_advanced) is one YAML alone.
 """
 
-import importlib
 import math
-import pkgutil
-from dataclasses import asdict, dataclass, field
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from snnbench.conversion.restructure import Restructuring
 from snnbench.core.calibrate import Calibration
 from snnbench.errors import UserError
+from snnbench.io.configs import class_named
 
 
 @dataclass
@@ -36,36 +40,59 @@ class Conversion:
     restructuring: Restructuring = field(default_factory=Restructuring)
 
 
-def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(__path__))
-
-
-def get(name: str):
-    if name not in available():
-        raise UserError(f"unknown method '{name}': choose one of {', '.join(available())}")
-    return importlib.import_module(f"{__name__}.{name}")
+@dataclass(frozen=True)
+class Context:
+    """What a method may read of the run besides its knobs: nothing else of the run's config reaches it."""
+    T: int              # the time steps simulated (sim.T): what a method tunes for unless its own knob T says
+    percentile: float   # the calibration's percentile (calibrate.percentile), for a method that calibrates again
+    seed: int           # the seed of the calibration's sampling (seed)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method's knobs as a typed object (what snnbench.convert takes): a subclass per method, whose fields are
-    the knobs of conf/method/<name>.yaml with the same defaults, checked on construction by the method's
-    validate."""
-    name: ClassVar[str] = ""  # the method's module in this package
+    """A conversion method with its knobs: a subclass per method, whose fields are the knobs with their defaults,
+    checked on construction. `name` names the results (run folders, reports, accuracy.csv's `method` column): a
+    preset is the same class under a name of its own."""
+    name: str
+    # the method's rule is defined on analog operators (expectation compensation): the run must compute the
+    # nonlinear operations as such (convert.nonlinear=compensate)
+    needs_analog_operators: ClassVar[bool] = False
 
     def __post_init__(self):
-        get(self.name).validate(asdict(self))
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise UserError(f"method.name must be a name of letters, digits, _ . or - (it names run folders and "
+                            f"results), got {self.name!r}")
+        self.validate()
+
+    def validate(self):
+        """Raise a UserError naming the first bad knob and the fix."""
+
+    def convert(self, ann: nn.Module, calibration: Calibration, batches: list[torch.Tensor],
+                context: Context) -> Conversion:
+        raise NotImplementedError(f"{type(self).__name__} defines no convert")
 
 
-def method_class(name: str) -> type[Method]:
-    """The Method subclass of method `name`: the one its module defines (or imports) under that name."""
-    module = get(name)
-    found = [value for value in vars(module).values()
-             if isinstance(value, type) and issubclass(value, Method) and value.name == name]
-    if not found:
-        raise UserError(f"method '{name}' has no typed knobs: its module {module.__name__} defines no Method "
-                        f"subclass with name = '{name}'")
-    return found[0]
+def build_method(config: Mapping) -> Method:
+    """The method a config mapping describes (a conf/method YAML as a plain dict): `_target_`, the dotted path of
+    a Method subclass, and its knobs, `name` among them. The one way a method is made from a config, by the
+    command line and by the Python API alike."""
+    knobs = dict(config)
+    method_class = method_class_of(knobs.pop("_target_", None))
+    check_knobs(method_class, knobs, knobs.get("name", method_class.__name__))
+    return method_class(**knobs)
+
+
+def method_class_of(target) -> type[Method]:
+    """The Method subclass a `_target_` names."""
+    return class_named(target, "method", Method, "snnbench.conversion.methods.augmapping.AugMapping")
+
+
+def check_knobs(method_class: type[Method], knobs: Mapping, name: str):
+    """Refuse a knob that `method_class` does not have, listing those it has."""
+    known = [knob.name for knob in fields(method_class)]
+    unknown = [str(key) for key in knobs if key not in known]
+    if unknown:
+        raise UserError(f"method {name} has no knob {', '.join(unknown)}: its knobs are {', '.join(known)}")
 
 
 def spiking_copy(ann, thresholds: dict, scale: float = 1.0, **neuron_knobs) -> nn.Module:
@@ -97,21 +124,16 @@ def converted(ann, calibration: Calibration, snn: nn.Module, diagnostics: dict |
     return Conversion(snn, calibration, fan_out(ann), diagnostics or {}, restructuring)
 
 
-# methods whose rules are defined on analog operators (expectation compensation): they need them
-NEEDS_ANALOG_OPERATORS = {"ecmt"}
-
-
-def check_nonlinear(method: str, nonlinear: str):
+def check_nonlinear(method: Method, nonlinear: str):
     """Refuse a method that needs analog operators when the nonlinear operations are not computed as such."""
-    if method in NEEDS_ANALOG_OPERATORS and nonlinear != "compensate":
-        raise UserError(f"method={method} computes the nonlinear operations as analog operators with expectation "
-                        "compensation: add convert.nonlinear=compensate")
+    if method.needs_analog_operators and nonlinear != "compensate":
+        raise UserError(f"method={method.name} computes the nonlinear operations as analog operators with "
+                        "expectation compensation: add convert.nonlinear=compensate")
 
 
-# ---- knob checks shared by the methods' validate functions ----
+# ---- knob checks shared by the methods' validate ----
 
-def check_number(knobs, key: str, *, positive=False, allow_none=False, example=None):
-    value = knobs.get(key)
+def check_number(key: str, value, *, positive=False, allow_none=False, example=None):
     if value is None and allow_none:
         return
     if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
@@ -121,8 +143,7 @@ def check_number(knobs, key: str, *, positive=False, allow_none=False, example=N
                         + (f": set e.g. method.{key}={example}" if example is not None else ""))
 
 
-def check_positive_int(knobs, key: str, *, allow_none=False, example=2):
-    value = knobs.get(key)
+def check_positive_int(key: str, value, *, allow_none=False, example=2):
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -130,11 +151,11 @@ def check_positive_int(knobs, key: str, *, allow_none=False, example=2):
                         f"{value!r}: set e.g. method.{key}={example}")
 
 
-def check_flag(knobs, key: str):
-    if not isinstance(knobs.get(key), bool):
-        raise UserError(f"method.{key} must be true or false, got {knobs.get(key)!r}")
+def check_flag(key: str, value):
+    if not isinstance(value, bool):
+        raise UserError(f"method.{key} must be true or false, got {value!r}")
 
 
-def check_choice(knobs, key: str, allowed):
-    if knobs.get(key) not in allowed:
-        raise UserError(f"method.{key} must be one of {', '.join(allowed)}, got {knobs.get(key)!r}")
+def check_choice(key: str, value, allowed):
+    if value not in allowed:
+        raise UserError(f"method.{key} must be one of {', '.join(allowed)}, got {value!r}")

@@ -15,16 +15,21 @@ models/spiking_layer.py, models/calibration.py at commit 4aece7c), for binary IF
 Their weight calibration (ImageNet, Adam on each layer's weights for thousands of steps) is not implemented.
 """
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
 
 import torch
 
-from snnbench.conversion.corrections import cancel_mean_error, correct_initial_potential, correct_layer_by_layer
+from snnbench.conversion.corrections import (
+    cancel_mean_error,
+    correct_initial_potential,
+    correct_layer_by_layer,
+    rebuilt_neurons,
+)
 from snnbench.conversion.methods import Method, check_choice, check_flag, check_positive_int, converted, spiking_copy
 from snnbench.core.calibrate import record_activations
 from snnbench.core.graph import device_of, spiking_layer_names
-from snnbench.core.stepped import broadcast_over_sample
+from snnbench.core.neurons import NeuronSpec
+from snnbench.core.stepped import broadcast_over_sample, channel_major
 from snnbench.errors import UserError
 
 CANDIDATES = 95     # thresholds max x (1 - 0.01 i) searched (find_threshold_mse)
@@ -32,7 +37,7 @@ CANDIDATES = 95     # thresholds max x (1 - 0.01 i) searched (find_threshold_mse
 
 @dataclass(frozen=True)
 class Calibration(Method):
-    name: ClassVar[str] = "calibration"
+    name: str = "calibration"
     T: int | None = None               # the T the thresholds and corrections are for (None: the run's T)
     thresholds: str = "mse"            # mse | max
     momentum: float = 0.9              # the thresholds averaged over the calibration batches
@@ -42,43 +47,42 @@ class Calibration(Method):
     potential_correction: bool = False  # each neuron's initial potential += T x its mean error
     correction_images: int = 128       # calibration images the corrections measure on
 
+    def validate(self):
+        check_choice("thresholds", self.thresholds, ("mse", "max"))
+        check_positive_int("T", self.T, allow_none=True, example=32)
+        momentum = self.momentum
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+            raise UserError(f"method.momentum must be a number in [0, 1) (how much of the threshold found so far "
+                            f"each calibration batch keeps), got {momentum!r}: e.g. method.momentum=0.9")
+        for key, value in (("per_channel", self.per_channel), ("shift", self.shift),
+                           ("bias_correction", self.bias_correction),
+                           ("potential_correction", self.potential_correction)):
+            check_flag(key, value)
+        check_positive_int("correction_images", self.correction_images, example=128)
 
-def validate(knobs):
-    check_choice(knobs, "thresholds", ("mse", "max"))
-    check_positive_int(knobs, "T", allow_none=True, example=32)
-    momentum = knobs.get("momentum")
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
-        raise UserError(f"method.momentum must be a number in [0, 1) (how much of the threshold found so far each "
-                        f"calibration batch keeps), got {momentum!r}: e.g. method.momentum=0.9")
-    for key in ("per_channel", "shift", "bias_correction", "potential_correction"):
-        check_flag(knobs, key)
-    check_positive_int(knobs, "correction_images", example=128)
+    def convert(self, ann, calibration, batches, context):
+        T = self.T or context.T
+        thresholds = searched_thresholds(ann, batches, T, self.thresholds, self.momentum, self.per_channel)
+        snn = spiking_copy(ann, thresholds, v0=0.0)
+        if self.shift:
+            specs = {name: snn.get_submodule(name).spec for name in thresholds}
+            snn = rebuilt_neurons(snn, {name: replace(spec, bias=spec.threshold / (2 * T))
+                                        for name, spec in specs.items()})
+        diagnostics = {}
+        if self.bias_correction or self.potential_correction:
+            images = torch.cat(batches)[:self.correction_images].to(device_of(ann))
+            snn, diagnostics = correct_layer_by_layer(snn, ann, images, T, lambda spec, currents, target: correct(
+                spec, currents, target, self.bias_correction, self.potential_correction))
+        return converted(ann, calibration, snn, diagnostics)
 
 
-def convert(ann, calibration, cfg, batches):
-    knobs = cfg.method
-    T = knobs.T or cfg.sim.T
-    thresholds = searched_thresholds(ann, batches, T, knobs.thresholds, knobs.momentum, knobs.per_channel)
-    snn = spiking_copy(ann, thresholds, v0=0.0)
-    if knobs.shift:
-        for name in thresholds:
-            neuron = snn.get_submodule(name)
-            neuron.bias = neuron.threshold / (2 * T)
-    diagnostics = {}
-    if knobs.bias_correction or knobs.potential_correction:
-        images = torch.cat(batches)[:knobs.correction_images].to(device_of(ann))
-        diagnostics = correct_layer_by_layer(snn, ann, images, T, lambda neuron, currents, target: correct(
-            neuron, currents, target, knobs.bias_correction, knobs.potential_correction))
-    return converted(ann, calibration, snn, diagnostics)
-
-
-def correct(neuron, currents, target, bias_correction, potential_correction) -> dict:
+def correct(spec, currents, target, bias_correction, potential_correction) -> tuple[NeuronSpec, dict]:
     diagnostics = {}
     if bias_correction:  # emp_bias_corr: one measurement of the mean error, off the bias
-        diagnostics["mean_error"] = cancel_mean_error(neuron, currents, target, rounds=1)
+        spec, diagnostics["mean_error"] = cancel_mean_error(spec, currents, target, rounds=1)
     if potential_correction:
-        diagnostics["potential_error"] = correct_initial_potential(neuron, currents, target)
-    return diagnostics
+        spec, diagnostics["potential_error"] = correct_initial_potential(spec, currents, target)
+    return spec, diagnostics
 
 
 @torch.inference_mode()
@@ -117,9 +121,9 @@ def clip_floor(x: torch.Tensor, T: int, theta: torch.Tensor) -> torch.Tensor:
 
 
 def _maximum(activation: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    return activation.transpose(0, 1).flatten(1).amax(1) if per_channel else activation.max()
+    return channel_major(activation).amax(1) if per_channel else activation.max()
 
 
 def _mean_square(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    return (x ** 2).transpose(0, 1).flatten(1).mean(1) if per_channel else (x ** 2).mean()
+    return channel_major(x ** 2).mean(1) if per_channel else (x ** 2).mean()
 

@@ -32,29 +32,28 @@ SOFTMAX = (F.softmax, torch.softmax, "softmax")
 
 @dataclass(frozen=True)
 class ECMT(Method):
-    name: ClassVar[str] = "ecmt"
+    name: str = "ecmt"
     levels: int = 8                   # thresholds per neuron, threshold x 2^k (k < levels): c_max = 2^(levels-1)
     percentile: float = 99.0          # of each layer's activations: its threshold (the smallest level)
     softmax_threshold: float = 0.0125  # the threshold of the neurons re-encoding a softmax's output
 
+    needs_analog_operators: ClassVar[bool] = True
 
-def validate(knobs):
-    check_positive_int(knobs, "levels", example=8)
-    check_number(knobs, "percentile", positive=True, example=99.0)
-    if knobs["percentile"] > 100:
-        raise UserError(f"method.percentile must be in (0, 100], got {knobs['percentile']!r}: e.g. 99.0")
-    check_number(knobs, "softmax_threshold", positive=True, example=0.0125)
+    def validate(self):
+        check_positive_int("levels", self.levels, example=8)
+        check_number("percentile", self.percentile, positive=True, example=99.0)
+        if self.percentile > 100:
+            raise UserError(f"method.percentile must be in (0, 100], got {self.percentile!r}: e.g. 99.0")
+        check_number("softmax_threshold", self.softmax_threshold, positive=True, example=0.0125)
 
-
-def convert(ann, calibration, cfg, batches):
-    knobs = cfg.method
-    calibration = calibrate(ann, batches, knobs.percentile, False, device_of(ann), cfg.seed)
-    thresholds = dict(calibration.thresholds)
-    for name in softmax_encoders(ann):
-        thresholds[name] = torch.tensor(knobs.softmax_threshold)
-    calibration = dataclasses.replace(calibration, thresholds=thresholds)
-    snn = spiking_copy(ann, thresholds, v0=0.5, c_max=2 ** (knobs.levels - 1))
-    return converted(ann, calibration, snn)
+    def convert(self, ann, calibration, batches, context):
+        calibration = calibrate(ann, batches, self.percentile, False, device_of(ann), context.seed)
+        thresholds = dict(calibration.thresholds)
+        for name in softmax_encoders(ann):
+            thresholds[name] = torch.tensor(self.softmax_threshold)
+        calibration = dataclasses.replace(calibration, thresholds=thresholds)
+        snn = spiking_copy(ann, thresholds, v0=0.5, c_max=2 ** (self.levels - 1))
+        return converted(ann, calibration, snn)
 
 
 def softmax_encoders(ann: nn.Module) -> set[str]:

@@ -5,7 +5,6 @@ lambda, starting at half of it (their ScaledNeuron charges the membrane with 0.5
 constant input the neuron's rate over T = L steps is the activation itself."""
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from snnbench.conversion.methods import Method, check_number, converted, spiking_copy
 from snnbench.core.graph import spiking_layer_names
@@ -18,25 +17,23 @@ TRAINED = ("qcfs converts an ANN trained with QCFS activations: add train.activa
 
 @dataclass(frozen=True)
 class QCFS(Method):
-    name: ClassVar[str] = "qcfs"
+    name: str = "qcfs"
     trained_with: str | None = "qcfs"  # the ANN's training activation (the CLI: train.activation); must be qcfs
     v0: float = 0.5                    # initial membrane potential, in units of the threshold
 
+    def validate(self):
+        if self.trained_with != "qcfs":
+            raise UserError(f"method={TRAINED}")
+        check_number("v0", self.v0, example=0.5)
 
-def validate(knobs):
-    if knobs.get("trained_with") != "qcfs":
-        raise UserError(f"method={TRAINED}")
-    check_number(knobs, "v0", example=0.5)
-
-
-def convert(ann, calibration, cfg, batches):
-    thresholds = {}
-    for name in spiking_layer_names(ann):
-        activation = ann.get_submodule(name)
-        if not isinstance(activation, QCFSActivation):
-            raise UserError(f"spiking layer {name} is a plain ReLU, and method={TRAINED}")
-        if activation.threshold.item() <= 0:
-            raise UserError(f"QCFS layer {name} learnt lambda = {activation.threshold.item():.4g}, which cannot be a "
-                            "threshold: train again with a lower train.lr")
-        thresholds[name] = activation.threshold.detach().clone()
-    return converted(ann, calibration, spiking_copy(ann, thresholds, v0=cfg.method.v0))
+    def convert(self, ann, calibration, batches, context):
+        thresholds = {}
+        for name in spiking_layer_names(ann):
+            activation = ann.get_submodule(name)
+            if not isinstance(activation, QCFSActivation):
+                raise UserError(f"spiking layer {name} is a plain ReLU, and method={TRAINED}")
+            if activation.threshold.item() <= 0:
+                raise UserError(f"QCFS layer {name} learnt lambda = {activation.threshold.item():.4g}, which cannot "
+                                "be a threshold: train again with a lower train.lr")
+            thresholds[name] = activation.threshold.detach().clone()
+        return converted(ann, calibration, spiking_copy(ann, thresholds, v0=self.v0))
