@@ -34,14 +34,17 @@ from snnbench.simulation.backend import reuse_freed_memory
 log = logging.getLogger("snnbench")
 
 
-def validate(cfg: DictConfig):
-    """Reject impossible values before any work starts, naming the key and the fix."""
+def validate(cfg: DictConfig) -> methods.Method:
+    """Reject impossible values before any work starts, naming the key and the fix; return the run's method
+    (method_of)."""
     check_values(cfg)
     check_shard(cfg.sim.shard, cfg.sim.num_shards)
     if OmegaConf.is_missing(cfg.model, "_target_"):
         raise UserError("model=custom needs the class or factory to build: add model._target_=<module>.<Class> "
                         "(importable from the working directory or PYTHONPATH; docs/models.md)")
-    methods.check_nonlinear(method_of(cfg), cfg.convert.nonlinear)
+    method = method_of(cfg)
+    methods.check_nonlinear(method, cfg.convert.nonlinear)
+    return method
 
 
 def method_of(cfg: DictConfig) -> methods.Method:
@@ -178,6 +181,7 @@ class Prepared:
     checkpoint_sha: str
     calibration_images: list        # training-split batches: the calibration's and the method's
     calibration: Calibration        # of `ann`
+    method: methods.Method          # cfg.method, built and checked
     conversion: methods.Conversion  # the method's result
     times: dict[str, float]         # seconds of each stage
     cache_entries: dict[str, str]   # sha256 of each cache entry used: ann (unless train.checkpoint), calibration, ...
@@ -199,7 +203,7 @@ def canonical_ann(cfg: DictConfig, model: nn.Module) -> nn.Module:
 def prepare(cfg: DictConfig, device: str) -> Prepared:
     """Check the config and the model (before any data is read or weights trained), then load the data, train or
     load the ANN, calibrate it and convert it with cfg.method."""
-    validate(cfg)
+    method = validate(cfg)
     model = build_ann(cfg)
     check_convertible(with_activation(model, cfg.train), cfg.dataset.channels, cfg.dataset.image_size,
                       cfg.dataset.num_classes, cfg.convert.maxpool, cfg.convert.nonlinear)  # before training
@@ -216,16 +220,16 @@ def prepare(cfg: DictConfig, device: str) -> Prepared:
     times["time_calibrate_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    conversion, conversion_sha = convert_stage(cfg, ann, calibration, checkpoint_sha, images)
+    conversion, conversion_sha = convert_stage(cfg, method, ann, calibration, checkpoint_sha, images)
     times["time_convert_s"] = time.perf_counter() - clock
     entries = {**({} if cfg.train.checkpoint else {"ann": checkpoint_sha}), "calibration": calibration_sha,
                "conversion": conversion_sha}
-    return Prepared(splits, evaluated, ann, checkpoint, checkpoint_sha, images, calibration, conversion, times,
-                    entries)
+    return Prepared(splits, evaluated, ann, checkpoint, checkpoint_sha, images, calibration, method, conversion,
+                    times, entries)
 
 
-def convert_stage(cfg, ann, calibration, ann_sha, images) -> tuple[methods.Conversion, str]:
-    """Stage 3: the method's conversion, cached per (ANN, calibration data and setting, method knobs, T), so that
+def convert_stage(cfg, method, ann, calibration, ann_sha, images) -> tuple[methods.Conversion, str]:
+    """Stage 3: `method`'s conversion, cached per (ANN, calibration data and setting, method knobs, T), so that
     the shards of one evaluation and reruns share TTRBR's tuning. Saved as data (conversion.saved), rebuilt from
     the canonical `ann`. Returns the conversion and its cache entry's sha256."""
     key = conversion_key(cfg, ann, ann_sha)
@@ -233,7 +237,7 @@ def convert_stage(cfg, ann, calibration, ann_sha, images) -> tuple[methods.Conve
 
     def build():
         log.info("converting with %s", cfg.method.name)
-        return api.convert_canonical(ann, method_of(cfg), calibration, images, T=cfg.sim.T,
+        return api.convert_canonical(ann, method, calibration, images, T=cfg.sim.T,
                                      percentile=cfg.calibrate.percentile, seed=cfg.seed)
 
     def save(conversion):
@@ -270,7 +274,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     times["time_evaluate_ann_s"] = time.perf_counter() - clock
     log.info("ANN accuracy %.2f %% on %d %s images%s", 100 * ann_accuracy, len(eval_batches.dataset), cfg.sim.split,
              f" (shard {cfg.sim.shard} of {cfg.sim.num_shards})" if cfg.sim.num_shards > 1 else "")
-    converted = api.converted_of(conversion, ann, method_of(cfg), prepared.calibration_images[0], T=cfg.sim.T,
+    converted = api.converted_of(conversion, ann, prepared.method, prepared.calibration_images[0], T=cfg.sim.T,
                                  model=cfg.model.name)
 
     clock = time.perf_counter()

@@ -12,17 +12,10 @@ from torch import nn
 
 from snnbench.app.console import console
 from snnbench.conversion.methods.ecmt import softmax_encoders
-from snnbench.core.analog import Analog, Reencode, Slot
+from snnbench.core.analog import Reencode
 from snnbench.core.calibrate import calibrate
-from snnbench.core.graph import (
-    RELU_FUNCTIONS,
-    RELU_METHODS,
-    _set_module,
-    canonicalize,
-    replace_modules,
-    spiking_layer_names,
-    trace,
-)
+from snnbench.core.compensate import restore_analog_calls
+from snnbench.core.graph import RELU_FUNCTIONS, RELU_METHODS, canonicalize, replace_modules, spiking_layer_names, trace
 from snnbench.errors import UserError
 from snnbench.io.cache import data_bytes, load_data, sha256_of
 from snnbench.io.checkpoints import load_checkpoint
@@ -102,38 +95,9 @@ def spikezip_network(model: nn.Module, levels: int, thresholds: dict[str, float]
         quantizer = SpikeZIPQuantizer(levels, signed)
         quantizer.scale.data.fill_(thresholds[name] / quantizer.high if name in thresholds else 1.0)
         quantizers[name] = quantizer
-    network = _with_analog_calls(replace_modules(canonical, quantizers))
+    network = restore_analog_calls(replace_modules(canonical, quantizers))
     network.train(model.training)
     return network
-
-
-def _with_analog_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """`gm` with each call of an Analog module replaced by the call it computes (the module it wraps, under the
-    same name, the function or the Tensor method), its Slots filled with the call's arguments."""
-    modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        analog = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(analog, Analog):
-            continue
-
-        def filled(arg, node=node):
-            return node.args[arg.index] if isinstance(arg, Slot) else arg
-
-        args = torch.fx.node.map_aggregate(analog.args, filled)
-        kwargs = torch.fx.node.map_aggregate(analog.kwargs, filled)
-        with gm.graph.inserting_before(node):
-            if isinstance(analog.function, nn.Module):
-                _set_module(gm, node.target, analog.function)
-                call = gm.graph.call_module(node.target, args, kwargs)
-            elif isinstance(analog.function, str):
-                call = gm.graph.call_method(analog.function, args, kwargs)
-            else:
-                call = gm.graph.call_function(analog.function, args, kwargs)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def relu_modules(model: nn.Module) -> list[str]:

@@ -139,3 +139,34 @@ def _is_weight_layer(node: torch.fx.Node, modules: dict) -> bool:
 def _is_product(node: torch.fx.Node, modules: dict) -> bool:
     module = _module(node, modules)
     return isinstance(module, Analog) and module.product
+
+
+def restore_analog_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` (changed in place) with each call of an Analog module replaced by the call it computes (the module it
+    wraps, under the same name, the function or the Tensor method), its Slots filled with the call's arguments:
+    the inverse of compensate's rewrite (a network trained with its spiking layers in place, train.activation=
+    spikezip, canonicalises into the same network again)."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        analog = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(analog, Analog):
+            continue
+
+        def filled(arg, node=node):
+            return node.args[arg.index] if isinstance(arg, Slot) else arg
+
+        args = torch.fx.node.map_aggregate(analog.args, filled)
+        kwargs = torch.fx.node.map_aggregate(analog.kwargs, filled)
+        with gm.graph.inserting_before(node):
+            if isinstance(analog.function, nn.Module):
+                _set_module(gm, node.target, analog.function)
+                call = gm.graph.call_module(node.target, args, kwargs)
+            elif isinstance(analog.function, str):
+                call = gm.graph.call_method(analog.function, args, kwargs)
+            else:
+                call = gm.graph.call_function(analog.function, args, kwargs)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -32,7 +32,7 @@ from torchvision.ops import StochasticDepth
 from snnbench.core.analog import Analog, Reencode, computes_analog
 from snnbench.core.attention import with_traceable_transformers
 from snnbench.core.stepped import Stepped, broadcast_over_sample
-from snnbench.errors import UserError
+from snnbench.errors import UserError, first_line
 from snnbench.models.normalize import Normalize
 from snnbench.models.qcfs import QCFS
 from snnbench.models.spikezip import SpikeZIPQuantizer
@@ -162,7 +162,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     except UserError:  # a part of the model that says itself why it cannot be converted
         raise
     except Exception as err:  # control flow on tensor values, unsupported Python, ...
-        raise UserError(f"torch.fx cannot trace {type(model).__name__} ({_first_line(err)}): snnbench converts "
+        raise UserError(f"torch.fx cannot trace {type(model).__name__} ({first_line(err)}): snnbench converts "
                         "models whose forward has no control flow that depends on tensor values; see "
                         "docs/models.md") from err
     return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
@@ -189,7 +189,7 @@ def canonicalize(model: nn.Module, maxpool: str = "error", nonlinear: str = "ref
     try:
         model = copy.deepcopy(model).eval()
     except Exception as err:
-        raise UserError(f"cannot convert {name}: it cannot be copied ({_first_line(err)})") from err
+        raise UserError(f"cannot convert {name}: it cannot be copied ({first_line(err)})") from err
     # a model traced already (snnbench puts the input normalisation in front that way) keeps its graph, whose
     # nodes know the user's source lines
     gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
@@ -215,7 +215,7 @@ def canonicalize(model: nn.Module, maxpool: str = "error", nonlinear: str = "ref
         gm.delete_all_unused_submodules()
         gm.recompile()
     except Exception as err:
-        raise UserError(f"cannot convert {name}: its rewritten graph is invalid ({_first_line(err)}); please "
+        raise UserError(f"cannot convert {name}: its rewritten graph is invalid ({first_line(err)}); please "
                         "report this with the model") from err
     return result
 
@@ -652,11 +652,7 @@ def _refused_if_failing(node, module):
         raise
     except Exception as err:
         raise UserError(f"cannot convert {_describe(node, module)}{_source_line(node)}: rewriting it failed "
-                        f"({type(err).__name__}: {_first_line(err)}); please report this with the model") from err
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        f"({type(err).__name__}: {first_line(err)}); please report this with the model") from err
 
 
 def reached(starts, onward, passes) -> Iterator[torch.fx.Node]:

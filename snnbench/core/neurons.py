@@ -151,7 +151,7 @@ class IFNeuron(Stepped):
             self.v.add_(currents if constant else currents[step])
             c, emitted = (out[step], None) if self.emits_coefficients else (scratch, out[step])
             self._fire(theta, c, emitted, undo)
-            self._count(_per_image(c), _per_image(scratch), counts[:, step])
+            self._count(c, scratch, counts[:, step])
         return counts.double().sum(2)
 
     def _fire(self, theta: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None, undo: torch.Tensor | None):
@@ -183,9 +183,11 @@ class IFNeuron(Stepped):
             v.sub_(out)
 
     def _count(self, c: torch.Tensor, scratch: torch.Tensor, counts: torch.Tensor):
-        """Per image [batch, n] -> counts [2, batch]: spike units (sum of |c|) and events (non-zero c), exact
-        integers in float32, with `scratch` (may be c itself; never the emitted output) to write into. Without
-        negative events c >= 0; with c_max = 1 every event is one spike unit."""
+        """This step's coefficients c [batch, ...] -> counts [2, batch]: per image, spike units (sum of |c|) and
+        events (non-zero c), exact integers in float32, with `scratch` (shaped like c; may be c itself, never the
+        emitted output) to write into. Without negative events c >= 0; with c_max = 1 every event is one spike
+        unit."""
+        c, scratch = _per_image(c), _per_image(scratch)
         magnitude = c if self.neg_threshold is None else torch.abs(c, out=scratch)
         torch.sum(magnitude, 1, out=counts[0])
         if self.c_max == 1:

@@ -8,7 +8,7 @@ import types
 import typing
 from pathlib import Path
 
-from snnbench.errors import UserError
+from snnbench.errors import UserError, first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # snnbench/
 CONF_DIR = PACKAGE_DIR / "conf" if (PACKAGE_DIR / "conf").is_dir() else PACKAGE_DIR.parent / "conf"
@@ -24,9 +24,8 @@ def class_named(target: object, key: str, base: type | types.UnionType, example:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # a user's module may fail to import in any way
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{key}._target_={target}: cannot import {module_name} ({type(err).__name__}: {reason}): "
-                        "it must be importable from the working directory or PYTHONPATH") from None
+        raise UserError(f"{key}._target_={target}: cannot import {module_name} ({type(err).__name__}: "
+                        f"{first_line(err)}): it must be importable from the working directory or PYTHONPATH") from None
     found = vars(module).get(class_name)
     if not (isinstance(found, type) and issubclass(found, base)):
         raise UserError(f"{key}._target_={target} names no subclass of {expected} in {module_name}: name one "

@@ -24,7 +24,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_integrity
 from torchvision.datasets.vision import VisionDataset
 
-from snnbench.errors import UserError
+from snnbench.errors import UserError, first_line
 from snnbench.io.configs import class_named
 from snnbench.io.files import atomic_write_bytes
 
@@ -212,7 +212,11 @@ def _missing(source: DataSource, where: str, err=None, hint: str = "") -> UserEr
 class _TorchvisionSource(DataSource):
     """One of torchvision's datasets in its own file layout under `root`, downloaded there with download=true."""
     reader: ClassVar[type]  # the torchvision class, reading each file through read_data_file
-    where: ClassVar[str]    # where its files lie under root
+
+    @property
+    @abstractmethod
+    def where(self) -> str:
+        """Where its files lie under root (the reader's folder)."""
 
     @abstractmethod
     def _split(self, root: Path, train: bool, transform) -> Dataset:
@@ -241,6 +245,10 @@ class _TorchvisionSource(DataSource):
 
 @dataclass(frozen=True, kw_only=True)
 class _IDXSource(_TorchvisionSource):
+    @property
+    def where(self) -> str:
+        return f"{self.reader.__name__}/raw/"
+
     def _root(self, cache_dir: Path) -> Path:
         return _idx_root(self.reader, Path(self.root), cache_dir)
 
@@ -250,24 +258,26 @@ class _IDXSource(_TorchvisionSource):
     def files(self) -> tuple[Path, list[Path]]:
         """The unpacked IDX files where they sit beside the .gz, else the .gz."""
         root = Path(self.root)
-        raw = root / self.reader.__name__ / "raw"
+        raw = root / self.where
         return root, [raw / name if (raw / name).exists() else raw / f"{name}.gz" for name in IDX_FILES]
 
 
 @dataclass(frozen=True, kw_only=True)
 class MNISTSource(_IDXSource):
     reader = MNIST
-    where = "MNIST/raw/"
 
 
 @dataclass(frozen=True, kw_only=True)
 class FashionMNISTSource(_IDXSource):
     reader = FashionMNIST
-    where = "FashionMNIST/raw/"
 
 
 @dataclass(frozen=True, kw_only=True)
 class _CIFARSource(_TorchvisionSource):
+    @property
+    def where(self) -> str:
+        return f"{self.reader.base_folder}/"
+
     def _split(self, root: Path, train: bool, transform) -> Dataset:
         return self.reader(str(root), train, transform, self.download, self.verify)
 
@@ -277,20 +287,18 @@ class _CIFARSource(_TorchvisionSource):
 
     def files(self) -> tuple[Path, list[Path]]:
         root, cls = Path(self.root), self.reader
-        folder = root / cls.base_folder
+        folder = root / self.where
         return root, [folder / name for name, _ in cls.train_list + cls.test_list] + [folder / cls.meta["filename"]]
 
 
 @dataclass(frozen=True, kw_only=True)
 class CIFAR10Source(_CIFARSource):
     reader = CIFAR10
-    where = "cifar-10-batches-py/"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CIFAR100Source(_CIFARSource):
     reader = CIFAR100
-    where = "cifar-100-python/"
 
 
 def _rgb_image(path: Path) -> Image.Image:
@@ -357,12 +365,8 @@ def data_source(cfg) -> DataSource:
     try:
         return source_class(**keys)
     except TypeError as err:  # a key the class does not have, or one it needs missing
-        raise UserError(f"cannot build dataset._target_={target} ({_first_line(err)}): give the dataset config the "
+        raise UserError(f"cannot build dataset._target_={target} ({first_line(err)}): give the dataset config the "
                         f"keys {source_class.__name__} takes") from err
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def identity(cfg) -> dict:

@@ -106,5 +106,5 @@ class SpikeTracerNeuron(IFNeuron):
             c = self.net + t * spike  # t N_t - (t-1) N_(t-1)
             self.net += spike
             torch.mul(c, 1.0 if self.emits_coefficients else theta, out=out[step])
-            self._count(c.reshape(rows, -1), torch.empty_like(c).reshape(rows, -1), counts[:, step])
+            self._count(c, c, counts[:, step])  # c is not read again: its own scratch
         return counts.double().sum(2)
